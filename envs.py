@@ -11,6 +11,7 @@ info["episode_limit"] is True when the episode stopped at the time limit (not a 
 Our environments also take reset(seed=...), so an episode can be replayed exactly.
 
 - TwoStepGame: the coordination game of the QMIX paper (Rashid et al. 2018, section 6.1).
+- MeetingGridworld: agents on a grid must all stand on one goal cell at the same time.
 """
 from __future__ import annotations
 
@@ -115,3 +116,76 @@ class TwoStepGame(MultiAgentEnv):
         """(obs, state) of state `name` ("1", "2A" or "2B"), e.g. to print a Q_tot table."""
         state = np.eye(len(self.STATE_NAMES))[self.STATE_NAMES.index(name)]
         return np.tile(state, (self.n_agents, 1)), state
+
+
+class MeetingGridworld(MultiAgentEnv):
+    """n_agents on a grid_size x grid_size grid must all stand on the goal cell at once.
+
+    Actions: 0 up (x - 1), 1 down (x + 1), 2 left (y - 1), 3 right (y + 1), 4 stay, all always
+    available. Agents move simultaneously, are clipped at the walls and may share a cell.
+    Reset puts the agents and the goal on n_agents + 1 distinct random cells. Reward: +10 and
+    termination when every agent stands on the goal; otherwise -0.01 per step. After max_steps
+    steps the episode stops with info["episode_limit"] True (a time limit, not a terminal state).
+
+    Observation of agent i: [x_i, y_i, goal_x, goal_y], then (observe_others=True) the other
+    agents' [x, y] in agent order; global state: every agent's [x, y], then the goal's. All
+    coordinates are divided by grid_size, so they lie in [0, 1).
+
+    reset(seed) replays an episode exactly; reset() draws from a Generator seeded at construction.
+    """
+
+    MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]])  # (5, 2): up, down, left, right, stay
+    n_actions = 5
+
+    def __init__(self, grid_size=5, n_agents=2, max_steps=50, observe_others=False, seed=0):
+        for name, value, low in (("grid_size", grid_size, 2), ("n_agents", n_agents, 1),
+                                 ("max_steps", max_steps, 1)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if grid_size**2 < n_agents + 1:
+            raise ValueError(f"a {grid_size}x{grid_size} grid has {grid_size**2} cells, too few for "
+                             f"{n_agents} agents and a goal on distinct cells (needs {n_agents + 1})")
+        self.grid_size, self.n_agents, self.episode_limit = grid_size, n_agents, max_steps
+        self.observe_others = bool(observe_others)
+        self.rng = np.random.default_rng(seed)
+        self.reset()
+
+    def reset(self, seed=None):
+        rng = self.rng if seed is None else np.random.default_rng(seed)
+        cells = rng.choice(self.grid_size**2, size=self.n_agents + 1, replace=False)
+        xy = np.stack(np.divmod(cells, self.grid_size), axis=1)  # (N + 1, 2)
+        self.positions, self.goal = xy[:-1].copy(), xy[-1].copy()  # (N, 2), (2,)
+        self.steps, self.done = 0, False
+        self.shortest = self.optimal_length()
+        return self.get_obs(), self.get_state()
+
+    def step(self, actions):
+        if self.done:
+            raise RuntimeError("the episode is over: call reset() first")
+        actions = self._check_actions(actions)
+        self.positions = np.clip(self.positions + self.MOVES[actions], 0, self.grid_size - 1)
+        self.steps += 1
+        if np.all(self.positions == self.goal):
+            self.done = True
+            return 10.0, True, {"episode_limit": False}
+        self.done = self.steps >= self.episode_limit
+        return -0.01, self.done, {"episode_limit": self.done}
+
+    def optimal_length(self):
+        """Fewest steps from the current positions: the farthest agent's Manhattan distance to
+        the goal (an agent that arrives early can stay)."""
+        return int(np.abs(self.positions - self.goal).sum(axis=1).max())
+
+    def get_obs(self):
+        n = self.n_agents
+        own_and_goal = np.concatenate([self.positions, np.tile(self.goal, (n, 1))], axis=1)  # (N, 4)
+        if self.observe_others:
+            others = np.array([np.delete(self.positions, i, axis=0).ravel() for i in range(n)])
+            own_and_goal = np.concatenate([own_and_goal, others.reshape(n, -1)], axis=1)
+        return own_and_goal / self.grid_size
+
+    def get_state(self):
+        return np.concatenate([self.positions.ravel(), self.goal]) / self.grid_size
+
+    def get_avail_actions(self):
+        return np.ones((self.n_agents, self.n_actions), dtype=np.int64)
