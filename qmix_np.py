@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -138,37 +139,45 @@ def linear_forward(x, weight, bias):
     Shared layer:  x (M, I), W (O, I), b (O,)       -> y (M, O)
     One per group: x (G, M, I), W (G, O, I), b (G, O) -> y (G, M, O)   (G = agents)
     """
-    out = x @ np.swapaxes(weight, -1, -2) + bias[..., None, :]
+    out = x @ weight.swapaxes(-1, -2)
+    out += bias[..., None, :]
     return out, (x, weight)
 
 
-def linear_backward(dout, cache):
-    """dL/dx = dL/dy W;  dL/dW = dL/dy^T x (summed over the M rows);  dL/db = sum_M dL/dy."""
+def linear_backward(dout, cache, input_grad=True):
+    """dL/dx = dL/dy W;  dL/dW = dL/dy^T x (summed over the M rows);  dL/db = sum_M dL/dy.
+
+    input_grad=False skips dL/dx (returns None) where the input is data, not a parameter's output.
+    """
     x, weight = cache
-    dx = dout @ weight
-    dweight = np.swapaxes(dout, -1, -2) @ x
+    dx = dout @ weight if input_grad else None
+    dweight = dout.swapaxes(-1, -2) @ x
     dbias = dout.sum(axis=-2)
     return dx, {"weight": dweight, "bias": dbias}
 
 
 def relu_forward(x):
     """y = max(x, 0)."""
-    return np.maximum(x, 0), x > 0
+    out = np.maximum(x, 0)
+    return out, out  # y > 0 exactly where x > 0: the mask is made only if backward runs
 
 
 def relu_backward(dout, cache):
-    return dout * cache, {}  # ReLU'(x) = 1 if x > 0 else 0
+    return dout * (cache > 0), {}  # ReLU'(x) = 1 if x > 0 else 0
 
 
 def elu_forward(x):
     """y = x if x > 0 else exp(x) - 1  (alpha = 1, as torch.nn.functional.elu)."""
-    out = np.where(x > 0, x, np.expm1(np.minimum(x, 0)))  # min() keeps exp from overflowing
-    return out, (x, out)
+    out = np.expm1(np.minimum(x, 0))  # min() keeps exp from overflowing
+    out += np.maximum(x, 0)
+    return out, out
 
 
 def elu_backward(dout, cache):
-    x, out = cache
-    return dout * np.where(x > 0, 1, out + 1), {}  # ELU'(x) = 1 if x > 0 else ELU(x) + 1
+    # ELU'(x) = 1 if x > 0 else ELU(x) + 1, i.e. min(ELU(x), 0) + 1 (ELU(x) > 0 iff x > 0)
+    slope = np.minimum(cache, 0)
+    slope += 1
+    return dout * slope, {}
 
 
 def abs_forward(x):
@@ -196,10 +205,11 @@ def mlp_forward(params, layers, x):
     return x, caches
 
 
-def mlp_backward(dout, cache):
+def mlp_backward(dout, cache, input_grad=True):
     grads = {}
     for name, relu_cache, linear_cache in reversed(cache):
-        dout, layer_grads = linear_backward(dout, linear_cache)
+        first = name == cache[0][0]
+        dout, layer_grads = linear_backward(dout, linear_cache, input_grad or not first)
         grads[f"{name}.weight"], grads[f"{name}.bias"] = layer_grads["weight"], layer_grads["bias"]
         if relu_cache is not None:
             dout, _ = relu_backward(dout, relu_cache)
@@ -218,9 +228,9 @@ def init_linear(rng, name, in_dim, out_dim, groups=None, dtype=np.float64):
     return {f"{name}.weight": weight, f"{name}.bias": bias}
 
 
-def layer_names(params, prefix=""):
-    """Names of the linear layers in `params` (in order) whose name starts with `prefix`."""
-    return [k[: -len(".weight")] for k in params if k.startswith(prefix) and k.endswith(".weight")]
+def hypernet_layers(params, name):
+    """pymarl's names for a hypernetwork: one Linear `name`, or `name.0` -> ReLU -> `name.2`."""
+    return (name,) if f"{name}.weight" in params else (f"{name}.0", f"{name}.2")
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,9 +256,11 @@ def build_agent_inputs(obs, obs_agent_id, dtype):
     obs = np.asarray(obs, dtype=dtype)
     if not obs_agent_id:
         return obs
-    n_agents = obs.shape[-2]
-    ids = np.broadcast_to(np.eye(n_agents, dtype=dtype), obs.shape[:-1] + (n_agents,))
-    return np.concatenate([obs, ids], axis=-1)
+    *lead, n_agents, obs_dim = obs.shape
+    inputs = np.empty((*lead, n_agents, obs_dim + n_agents), dtype)
+    inputs[..., :obs_dim] = obs
+    inputs[..., obs_dim:] = np.eye(n_agents, dtype=dtype)  # broadcast over the leading axes
+    return inputs
 
 
 def agent_forward(params, inputs):
@@ -260,16 +272,19 @@ def agent_forward(params, inputs):
     batch, n_agents, in_dim = inputs.shape
     shared = params["fc1.weight"].ndim == 2
     x = inputs.reshape(batch * n_agents, in_dim) if shared else inputs.transpose(1, 0, 2)
-    q, mlp_cache = mlp_forward(params, layer_names(params), x)  # (B*N, A) or (N, B, A)
+    layers = [f"fc{k}" for k in range(1, len(params) // 2 + 1)]
+    q, mlp_cache = mlp_forward(params, layers, x)  # (B*N, A) or (N, B, A)
     q = q.reshape(batch, n_agents, -1) if shared else q.transpose(1, 0, 2)  # (B, N, A)
     return q, (shared, inputs.shape, mlp_cache)
 
 
-def agent_backward(dq, cache):
+def agent_backward(dq, cache, input_grad=True):
+    """(dL/d inputs (B, N, I) or None if not input_grad, grads of every fcK)."""
     shared, (batch, n_agents, in_dim), mlp_cache = cache
     dq = dq.reshape(batch * n_agents, -1) if shared else dq.transpose(1, 0, 2)
-    dx, grads = mlp_backward(dq, mlp_cache)
-    dx = dx.reshape(batch, n_agents, in_dim) if shared else dx.transpose(1, 0, 2)  # (B, N, I)
+    dx, grads = mlp_backward(dq, mlp_cache, input_grad)
+    if input_grad:
+        dx = dx.reshape(batch, n_agents, in_dim) if shared else dx.transpose(1, 0, 2)  # (B, N, I)
     return dx, grads
 
 
@@ -301,38 +316,84 @@ def init_qmix_mixer(rng, n_agents, state_dim, mixing_embed_dim=32, hypernet_laye
             **init_linear(rng, "V.0", s, e, dtype=dtype), **init_linear(rng, "V.2", e, 1, dtype=dtype)}
 
 
+def linear_stack_forward(params, layers, x):
+    """Several Linear layers that read the same x, as ONE matmul, split back per layer:
+
+        [y_1, y_2, ...] = x [W_1; W_2; ...]^T + [b_1, b_2, ...]
+    """
+    weight = np.concatenate([params[f"{name}.weight"] for name in layers])  # (sum of outs, I)
+    bias = np.concatenate([params[f"{name}.bias"] for name in layers])
+    out, cache = linear_forward(x, weight, bias)
+    bounds = list(itertools.accumulate((len(params[f"{name}.bias"]) for name in layers), initial=0))
+    return [out[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])], (layers, bounds, cache)
+
+
+def linear_stack_backward(douts, cache):
+    """Gradients of every stacked layer's weight and bias; x is data, so no dL/dx."""
+    layers, bounds, linear_cache = cache
+    _, grads = linear_backward(np.concatenate(douts, axis=-1), linear_cache, input_grad=False)
+    return {key: value for name, a, b in zip(layers, bounds[:-1], bounds[1:])
+            for key, value in ((f"{name}.weight", grads["weight"][a:b]), (f"{name}.bias", grads["bias"][a:b]))}
+
+
+def tail_forward(params, layers, z):
+    """What follows a layer that reads s: nothing, or ReLU -> `layers` (V.2; 2-layer hypernets)."""
+    if not layers:
+        return z, None
+    h, relu_cache = relu_forward(z)
+    out, mlp_cache = mlp_forward(params, layers, h)
+    return out, (relu_cache, mlp_cache)
+
+
+def tail_backward(dout, cache):
+    if cache is None:
+        return dout, {}
+    relu_cache, mlp_cache = cache
+    dh, grads = mlp_backward(dout, mlp_cache)
+    return relu_backward(dh, relu_cache)[0], grads
+
+
 def qmix_mixer_forward(params, agent_qs, states):
-    """Q_tot = ELU(q |W1(s)| + b1(s)) . |Wf(s)| + V(s).  agent_qs (B, N), states (B, S) -> (B,)."""
+    """Q_tot = ELU(q |W1(s)| + b1(s)) . |Wf(s)| + V(s).  agent_qs (B, N), states (B, S) -> (B,).
+
+    The four layers that read s (the first of hyper_w_1, of hyper_w_final, hyper_b_1, V.0) run
+    as one matmul; what follows each of them is its own.
+    """
     batch, n_agents = agent_qs.shape
-    w1_raw, w1_cache = mlp_forward(params, layer_names(params, "hyper_w_1"), states)  # (B, N*E)
+    w1_layers, wf_layers = hypernet_layers(params, "hyper_w_1"), hypernet_layers(params, "hyper_w_final")
+    (w1_z, wf_z, b1, v_z), state_cache = linear_stack_forward(
+        params, [w1_layers[0], wf_layers[0], "hyper_b_1", "V.0"], states)
+    w1_raw, w1_tail = tail_forward(params, w1_layers[1:], w1_z)  # (B, N*E)
     w1, w1_abs_cache = abs_forward(w1_raw)
     w1 = w1.reshape(batch, n_agents, -1)  # (B, N, E), pymarl's view(-1, N, E)
-    b1, b1_cache = mlp_forward(params, ["hyper_b_1"], states)  # (B, E)
     pre = (agent_qs[:, None, :] @ w1)[:, 0, :] + b1  # (B, E)
     hidden, elu_cache = elu_forward(pre)
-    wf_raw, wf_cache = mlp_forward(params, layer_names(params, "hyper_w_final"), states)  # (B, E)
+    wf_raw, wf_tail = tail_forward(params, wf_layers[1:], wf_z)  # (B, E)
     wf, wf_abs_cache = abs_forward(wf_raw)
-    v, v_cache = mlp_forward(params, ["V.0", "V.2"], states)  # (B, 1)
+    v, v_tail = tail_forward(params, ["V.2"], v_z)  # (B, 1)
     q_tot = np.einsum("be,be->b", hidden, wf) + v[:, 0]  # (B,)
-    cache = (agent_qs, w1, hidden, wf, w1_cache, w1_abs_cache, b1_cache, elu_cache,
-             wf_cache, wf_abs_cache, v_cache)
+    cache = (agent_qs, w1, hidden, wf, state_cache, w1_tail, w1_abs_cache, elu_cache,
+             wf_tail, wf_abs_cache, v_tail)
     return q_tot, cache
 
 
 def qmix_mixer_backward(dq_tot, cache):
     """Returns dL/d agent_qs (B, N) and the gradient of every mixer parameter."""
-    (agent_qs, w1, hidden, wf, w1_cache, w1_abs_cache, b1_cache, elu_cache,
-     wf_cache, wf_abs_cache, v_cache) = cache
+    (agent_qs, w1, hidden, wf, state_cache, w1_tail, w1_abs_cache, elu_cache,
+     wf_tail, wf_abs_cache, v_tail) = cache
     dq_tot = dq_tot[:, None]  # (B, 1)
     dhidden = dq_tot * wf  # dQ_tot/dh = Wf
     dwf, _ = abs_backward(dq_tot * hidden, wf_abs_cache)  # dQ_tot/dWf = h
-    dpre, _ = elu_backward(dhidden, elu_cache)  # (B, E)
+    dpre, _ = elu_backward(dhidden, elu_cache)  # (B, E); d pre/db1 = 1
     dagent_qs = (w1 @ dpre[:, :, None])[:, :, 0]  # d pre/dq = W1: (B, N)
     dw1 = agent_qs[:, :, None] * dpre[:, None, :]  # d pre/dW1 = q outer 1: (B, N, E)
     dw1, _ = abs_backward(dw1.reshape(len(dw1), -1), w1_abs_cache)  # (B, N*E)
-    grads = {}
-    for d, c in ((dw1, w1_cache), (dwf, wf_cache), (dpre, b1_cache), (dq_tot, v_cache)):
-        grads.update(mlp_backward(d, c)[1])  # dQ_tot/db1 = dpre, dQ_tot/dV = 1
+    dw1_z, grads = tail_backward(dw1, w1_tail)
+    dwf_z, wf_grads = tail_backward(dwf, wf_tail)
+    dv_z, v_grads = tail_backward(dq_tot, v_tail)  # dQ_tot/dV = 1
+    grads.update(wf_grads)
+    grads.update(v_grads)
+    grads.update(linear_stack_backward([dw1_z, dwf_z, dpre, dv_z], state_cache))
     return dagent_qs, grads
 
 
@@ -386,9 +447,15 @@ def masked_argmax(q, avail):
     return np.where(avail, q, -np.inf).argmax(axis=-1)
 
 
+def action_index(actions):
+    """Index of q[b, i, actions[b, i]] for every b, i: actions (B, N) -> a fancy index."""
+    batch, n_agents = actions.shape
+    return np.arange(batch)[:, None], np.arange(n_agents), actions
+
+
 def take_actions(q, actions):
     """Q of the taken actions: q (B, N, A), actions (B, N) -> (B, N)."""
-    return np.take_along_axis(q, actions[..., None], axis=-1)[..., 0]
+    return q[action_index(actions)]
 
 
 def td_targets(params, target_params, batch, config):
@@ -413,7 +480,7 @@ def td_targets(params, target_params, batch, config):
 def td_loss_forward(q_tot, targets):
     """L = mean((Q_tot - y)^2) over the batch (and the agents, for independent learners)."""
     td_error = q_tot - targets
-    return np.mean(td_error**2), td_error
+    return float(np.vdot(td_error, td_error)) / td_error.size, td_error
 
 
 def td_loss_backward(dloss, cache):
@@ -436,11 +503,12 @@ def loss_and_grads(params, batch, targets, config):
     dq_tot, _ = td_loss_backward(1.0, loss_cache)
     dq_taken, mixer_grads = mix_backward(dq_tot, mix_cache)
     dq = np.zeros_like(q)
-    np.put_along_axis(dq, batch["actions"][..., None], dq_taken[..., None], axis=-1)  # gather^T
-    _, agent_grads = agent_backward(dq, agent_cache)
-    diagnostics = {"td_error_abs": float(np.mean(np.abs(loss_cache))),
-                   "q_taken_mean": float(np.mean(q_tot)), "target_mean": float(np.mean(targets))}
-    return float(loss), {"agent": agent_grads, "mixer": mixer_grads}, diagnostics
+    dq[action_index(batch["actions"])] = dq_taken  # the gather's transpose: a scatter
+    _, agent_grads = agent_backward(dq, agent_cache, input_grad=False)
+    n = targets.size
+    diagnostics = {"td_error_abs": float(np.abs(loss_cache).sum()) / n,
+                   "q_taken_mean": float(q_tot.sum()) / n, "target_mean": float(targets.sum()) / n}
+    return loss, {"agent": agent_grads, "mixer": mixer_grads}, diagnostics
 
 
 def joint_q_tot(params, config, obs, state):
@@ -521,12 +589,13 @@ class Adam:
         self.m *= b1
         self.m += (1 - b1) * grad
         self.v *= b2
-        self.v += (1 - b2) * (grad * grad)
-        step_size = self.lr / (1 - b1**self.t)
+        self.v += (1 - b2) * np.square(grad)
         denom = np.sqrt(self.v)
-        denom /= math.sqrt(1 - b2**self.t)
+        denom *= 1 / math.sqrt(1 - b2**self.t)
         denom += self.eps
-        params -= step_size * self.m / denom
+        update = np.divide(self.m, denom, out=denom)
+        update *= self.lr / (1 - b1**self.t)
+        params -= update
 
 
 # ------------------------------------------------------------------------------------------
