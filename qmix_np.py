@@ -612,25 +612,26 @@ def _check_array(name, value, shape, kind):
         array = np.asarray(value)
     except (TypeError, ValueError) as err:  # ragged nested lists
         raise ValueError(f"{name} must be an array of shape {shape}: {err}") from None
-    if array.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
+    if array.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
+    dtype_kind = array.dtype.kind
     if kind == "int":
-        if array.dtype.kind not in "iu":
+        if dtype_kind not in "iu":
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
-    elif array.dtype.kind not in "biuf":
+    elif dtype_kind not in "biuf":
         raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
-    elif kind == "float" and not np.all(np.isfinite(array)):
+    elif kind == "float" and dtype_kind == "f" and not np.isfinite(array).all():
         raise ValueError(f"{name} must be finite, got {array[~np.isfinite(array)][:3]} in it")
-    elif kind == "bool" and not np.all((array == 0) | (array == 1)):
+    elif kind == "bool" and dtype_kind != "b" and not ((array == 0) | (array == 1)).all():
         raise ValueError(f"{name} must hold only 0/1 (or booleans)")
     return array
 
 
 def check_avail_actions(name, avail, n_agents, n_actions):
     """A (N, A) 0/1 mask with at least one available action per agent."""
-    avail = _check_array(name, avail, (n_agents, n_actions), "bool").astype(bool)
-    empty = np.flatnonzero(~avail.any(axis=-1))
-    if empty.size:
+    avail = _check_array(name, avail, (n_agents, n_actions), "bool").astype(bool, copy=False)
+    if not avail.any(axis=-1).all():
+        empty = np.flatnonzero(~avail.any(axis=-1))
         raise ValueError(f"{name}: agent(s) {empty.tolist()} have no available action")
     return avail
 
@@ -639,12 +640,12 @@ def check_actions(name, actions, avail):
     """(N,) integer actions, each in range and available under `avail` (N, A)."""
     n_agents, n_actions = avail.shape
     actions = _check_array(name, actions, (n_agents,), "int")
-    bad = np.flatnonzero((actions < 0) | (actions >= n_actions))
-    if bad.size:
+    if actions.min() < 0 or actions.max() >= n_actions:
+        bad = np.flatnonzero((actions < 0) | (actions >= n_actions))
         raise ValueError(f"{name} must lie in [0, {n_actions}), agent(s) {bad.tolist()} "
                          f"chose {actions[bad].tolist()}")
-    unavailable = np.flatnonzero(~avail[np.arange(n_agents), actions])
-    if unavailable.size:
+    if not avail[np.arange(n_agents), actions].all():
+        unavailable = np.flatnonzero(~avail[np.arange(n_agents), actions])
         raise ValueError(f"{name}: agent(s) {unavailable.tolist()} chose unavailable action(s) "
                          f"{actions[unavailable].tolist()}")
     return actions
