@@ -29,9 +29,15 @@ S state, E mixing_embed_dim, H hypernet_embed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import itertools
+import json
 import math
+import os
+import pathlib
+import tempfile
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +79,7 @@ class Config:
     t_max: int = 50000  # env steps of training (rounded up to whole episodes)
     seed: int = 0  # seeds the one Generator behind everything random
     dtype: str = "float32"  # training dtype, "float32" or "float64" (README: measured choice)
+    on_nonfinite: str = "raise"  # a NaN/inf loss or gradient: "raise" FloatingPointError, or "skip" the step
 
     def __post_init__(self):
         self.agent_hidden_dims = _as_tuple("agent_hidden_dims", self.agent_hidden_dims)
@@ -126,6 +133,7 @@ _CONFIG_RULES = (  # (field, test, what it must be)
     ("t_max", lambda v: _is_int(v, 0), "an int >= 0 (env steps)"),
     ("seed", lambda v: _is_int(v, 0), "an int >= 0"),
     ("dtype", lambda v: v in ("float64", "float32"), "'float64' or 'float32'"),
+    ("on_nonfinite", lambda v: v in ("raise", "skip"), "'raise' or 'skip'"),
 )
 
 # ------------------------------------------------------------------------------------------
@@ -720,7 +728,10 @@ class Learner:
     """
 
     def __init__(self, config, env_info):
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a Config, got {type(config).__name__}")
         self.config = config
+        self.env_info = {k: int(np.prod(env_info[k])) for k in ENV_INFO_KEYS}
         self.n_agents = int(env_info["n_agents"])
         self.n_actions = int(env_info["n_actions"])
         self.obs_dim = int(np.prod(env_info["obs_shape"]))
@@ -743,6 +754,7 @@ class Learner:
         self.episode = 0  # training episodes finished
         self.train_steps = 0  # gradient steps taken
         self.last_target_update_episode = 0
+        self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient
         self.last_diagnostics = None  # what the latest train_step returned
 
     def epsilon(self):
@@ -774,10 +786,18 @@ class Learner:
         targets = td_targets(self.params, self.target_params, batch, c)
         loss, grads, diagnostics = loss_and_grads(self.params, batch, targets, c)
         grad = flat_grad(grads, self.params)
+        if not (math.isfinite(loss) and np.isfinite(grad).all()):  # nothing is updated below
+            if c.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"train step {self.train_steps + 1}: the loss ({loss}) or the gradient is not "
+                    "finite; parameters and optimiser state are unchanged (Config.on_nonfinite='skip' "
+                    "skips such steps instead)")
+            self.skipped_steps += 1
+            return {"loss": loss, "grad_norm": float("nan"), "skipped": True, **diagnostics}
         grad_norm = clip_grad_norm(grad, c.grad_norm_clip)
         self.optimiser.step(self.theta, grad)
         self.train_steps += 1
-        return {"loss": loss, "grad_norm": grad_norm, **diagnostics}
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": False, **diagnostics}
 
     def end_episode(self):
         """Count a finished training episode; refresh the targets every target_update_interval."""
@@ -789,6 +809,156 @@ class Learner:
     def update_targets(self):
         """Hard copy: target agent nets and target mixer <- online."""
         np.copyto(self.target_theta, self.theta)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def state_arrays(self, include_buffer=True):
+        """Everything a run needs to continue bit for bit, as named arrays (no Python objects)."""
+        arrays = {
+            "format": np.array(CHECKPOINT_FORMAT), "version": np.array(CHECKPOINT_VERSION),
+            "config": np.array(json.dumps(dataclasses.asdict(self.config))),
+            "env_info": np.array(json.dumps(self.env_info)),
+            "theta": self.theta, "target_theta": self.target_theta,
+            "adam_m": self.optimiser.m, "adam_v": self.optimiser.v, "adam_t": np.array(self.optimiser.t),
+            "counters": np.array([getattr(self, name) for name in COUNTERS], dtype=np.int64),
+            "rng_state": np.array(json.dumps(self.rng.bit_generator.state)),
+        }
+        if include_buffer:
+            arrays["buffer_position"] = np.array([self.buffer.size, self.buffer.next_index], dtype=np.int64)
+            arrays.update({f"buffer/{k}": v for k, v in self.buffer.data.items()})
+        return arrays
+
+    def save(self, path, include_buffer=True):
+        """Write a checkpoint: one .npz (allow_pickle=False), replaced atomically.
+
+        It holds the config, parameters and targets, Adam's moments and step count, the counters,
+        the Generator's state, optionally the replay buffer, and a SHA-256 digest of all of it.
+        It is written to a temporary file in the same folder and then renamed over `path`, so a
+        crash mid-save leaves any previous checkpoint at `path` intact.
+        """
+        path = pathlib.Path(path)
+        arrays = self.state_arrays(include_buffer)
+        arrays["sha256"] = np.array(_digest(arrays))
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as f:
+                with zipfile.ZipFile(f, "w") as archive:
+                    for key, value in arrays.items():
+                        with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                            np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path, env_info=None, config=None):
+        """A Learner restored from a checkpoint written by save().
+
+        Never unpickles. Refuses (ValueError, saying what is wrong) a file that is not a complete
+        qmix-np checkpoint of this format version, whose digest does not match its contents, or
+        whose arrays do not have the shapes and dtypes its config implies; and, if given, an
+        env_info or config that differs from the checkpoint's (config may differ in t_max).
+        """
+        arrays = _read_checkpoint(path)
+        try:
+            saved_config = Config(**json.loads(str(arrays["config"])))
+            saved_env_info = json.loads(str(arrays["env_info"]))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the stored config or env_info is invalid: {err}") from None
+        if env_info is not None:
+            wanted = {k: int(np.prod(env_info[k])) for k in ENV_INFO_KEYS}
+            if wanted != saved_env_info:
+                raise ValueError(f"{path}: the checkpoint is for an environment with {saved_env_info}, "
+                                 f"not {wanted}")
+        if config is not None and dataclasses.replace(config, t_max=saved_config.t_max) != saved_config:
+            differ = [f.name for f in dataclasses.fields(Config)
+                      if f.name != "t_max" and getattr(config, f.name) != getattr(saved_config, f.name)]
+            raise ValueError(f"{path}: the checkpoint's config differs in {differ}")
+        learner = cls(saved_config if config is None else config, saved_env_info)
+        learner._restore(path, arrays)
+        return learner
+
+    def _restore(self, path, arrays):
+        expected = self.state_arrays(include_buffer="buffer_position" in arrays)
+        unexpected = set(arrays) - set(expected)
+        if unexpected:
+            raise ValueError(f"{path}: unexpected entries {sorted(unexpected)}")
+        for key, value in expected.items():
+            if key in ("format", "version", "config", "env_info", "rng_state"):
+                continue
+            got = arrays[key]
+            if got.shape != value.shape or got.dtype != value.dtype:
+                raise ValueError(f"{path}: {key} has shape {got.shape} and dtype {got.dtype}, but this "
+                                 f"config needs shape {value.shape} and dtype {value.dtype}")
+        for key in ("theta", "target_theta", "adam_m", "adam_v"):
+            if not np.isfinite(arrays[key]).all():
+                raise ValueError(f"{path}: {key} holds non-finite values")
+        counters, adam_t = arrays["counters"], int(arrays["adam_t"])
+        if counters.min() < 0 or adam_t < 0:
+            raise ValueError(f"{path}: negative counters {counters.tolist()} or Adam step {adam_t}")
+        try:
+            self.rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"{path}: the stored Generator state is invalid: {err}") from None
+        if "buffer_position" in arrays:
+            size, next_index = (int(v) for v in arrays["buffer_position"])
+            capacity = self.buffer.capacity
+            if not (0 <= size <= capacity and 0 <= next_index < capacity
+                    and (size == capacity or next_index == size)):
+                raise ValueError(f"{path}: buffer size {size} and next index {next_index} are "
+                                 f"inconsistent with capacity {capacity}")
+            for key in self.buffer.data:
+                self.buffer.data[key][...] = arrays[f"buffer/{key}"]
+            self.buffer.size, self.buffer.next_index = size, next_index
+        self.theta[...], self.target_theta[...] = arrays["theta"], arrays["target_theta"]
+        self.optimiser.m[...], self.optimiser.v[...] = arrays["adam_m"], arrays["adam_v"]
+        self.optimiser.t = adam_t
+        for name, value in zip(COUNTERS, counters.tolist()):
+            setattr(self, name, value)
+
+
+ENV_INFO_KEYS = ("n_agents", "n_actions", "obs_shape", "state_shape", "episode_limit")
+COUNTERS = ("t_env", "episode", "train_steps", "last_target_update_episode", "skipped_steps")
+CHECKPOINT_FORMAT = "qmix-np checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _digest(arrays):
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def _read_checkpoint(path):
+    """Every array of a checkpoint file, checked for format, version, keys and digest."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupt or not .npz): {err}") from None
+    if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a qmix-np checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
+    version = arrays.get("version")
+    if version is None or version.shape != () or int(version) != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {version}, this code reads {CHECKPOINT_VERSION}")
+    required = {"format", "version", "config", "env_info", "theta", "target_theta", "adam_m",
+                "adam_v", "adam_t", "counters", "rng_state", "sha256"}
+    missing = required - set(arrays)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)}")
+    stored = str(arrays.pop("sha256"))
+    if _digest(arrays) != stored:
+        raise ValueError(f"{path}: the contents do not match the stored SHA-256 digest (tampered or corrupt)")
+    return arrays
 
 
 # ------------------------------------------------------------------------------------------

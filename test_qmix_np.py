@@ -236,8 +236,8 @@ def random_batch(rng, batch, n_agents, obs_dim, state_dim, n_actions):
 
 
 def small_learner(mixer, **overrides):
-    config = q.Config(mixer=mixer, mixing_embed_dim=5, hypernet_embed=6, agent_hidden_dims=(7, 6),
-                      dtype="float64", **overrides)
+    config = q.Config(**{"mixer": mixer, "mixing_embed_dim": 5, "hypernet_embed": 6,
+                         "agent_hidden_dims": (7, 6), "dtype": "float64", **overrides})
     env_info = {"n_agents": 3, "obs_shape": 4, "state_shape": 5, "n_actions": 4, "episode_limit": 10}
     return q.Learner(config, env_info)
 
@@ -571,3 +571,377 @@ def test_same_seed_same_losses_bit_for_bit():
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"Config.{field}"):
         q.Config(**{field: value})
+
+
+# ------------------------------------------------------------------------------------------
+# Meeting Gridworld
+# ------------------------------------------------------------------------------------------
+
+
+def gridworld_at(positions, goal, **kwargs):
+    """A MeetingGridworld with its agents and goal put where a test wants them."""
+    env = envs.MeetingGridworld(n_agents=len(positions), **kwargs)
+    env.positions, env.goal = np.array(positions), np.array(goal)
+    return env
+
+
+@pytest.mark.parametrize("start,expected", [
+    ((2, 2), [(1, 2), (3, 2), (2, 1), (2, 3), (2, 2)]),  # centre: up, down, left, right, stay
+    ((0, 0), [(0, 0), (1, 0), (0, 0), (0, 1), (0, 0)]),  # top-left corner: up and left clip
+    ((4, 4), [(3, 4), (4, 4), (4, 3), (4, 4), (4, 4)]),  # bottom-right: down and right clip
+    ((0, 4), [(0, 4), (1, 4), (0, 3), (0, 4), (0, 4)]),
+])
+def test_gridworld_every_action_and_wall_clipping(start, expected):
+    for action, target in enumerate(expected):
+        env = gridworld_at([start], goal=(3, 0) if start != (3, 0) else (1, 1))
+        env.step([action])
+        assert tuple(env.positions[0]) == target, f"action {action} from {start}"
+
+
+def test_gridworld_moves_are_simultaneous_and_cells_may_be_shared():
+    env = gridworld_at([(1, 1), (1, 3)], goal=(4, 4))
+    env.step([3, 2])  # right, left: both into (1, 2) at once
+    np.testing.assert_array_equal(env.positions, [[1, 2], [1, 2]])
+    env.step([1, 0])  # down, up: they pass each other
+    np.testing.assert_array_equal(env.positions, [[2, 2], [0, 2]])
+
+
+def test_gridworld_reward_and_termination():
+    env = gridworld_at([(2, 1), (2, 4)], goal=(2, 2))
+    assert env.step([3, 4]) == (-0.01, False, {"episode_limit": False})  # one agent arrives alone
+    assert env.step([4, 2]) == (-0.01, False, {"episode_limit": False})
+    assert env.step([4, 2]) == (10.0, True, {"episode_limit": False})  # all on the goal at once
+    with pytest.raises(RuntimeError):
+        env.step([4, 4])
+
+
+def test_gridworld_time_limit_is_flagged_and_not_terminal_for_the_learner():
+    env = gridworld_at([(0, 0), (4, 4)], goal=(2, 2), max_steps=3)
+    assert env.step([4, 4])[1:] == (False, {"episode_limit": False})
+    assert env.step([4, 4])[1:] == (False, {"episode_limit": False})
+    assert env.step([4, 4]) == (-0.01, True, {"episode_limit": True})
+    learner = q.train(envs.MeetingGridworld(max_steps=3), q.Config(t_max=30, batch_size=64))
+    stored = learner.buffer.in_order()
+    assert not stored["terminated"][stored["reward"] < 0].any()  # time-outs bootstrap
+
+
+def test_gridworld_reaching_the_goal_on_the_last_step_is_a_success():
+    env = gridworld_at([(2, 1), (2, 3)], goal=(2, 2), max_steps=1)
+    assert env.step([3, 2]) == (10.0, True, {"episode_limit": False})
+
+
+def test_gridworld_starts_on_distinct_cells():
+    for n_agents, grid_size in ((2, 5), (3, 2), (1, 2)):
+        env = envs.MeetingGridworld(grid_size=grid_size, n_agents=n_agents)
+        for seed in range(200):
+            env.reset(seed=seed)
+            cells = {tuple(p) for p in env.positions} | {tuple(env.goal)}
+            assert len(cells) == n_agents + 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(grid_size=2, n_agents=4), "too few"), (dict(grid_size=1), "grid_size"),
+    (dict(n_agents=0), "n_agents"), (dict(max_steps=0), "max_steps"), (dict(grid_size=2.5), "grid_size")])
+def test_gridworld_says_clearly_when_it_cannot_be_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        envs.MeetingGridworld(**kwargs)
+
+
+@pytest.mark.parametrize("observe_others", [False, True])
+def test_gridworld_observation_and_state_shapes_and_scaling(observe_others):
+    env = gridworld_at([(0, 1), (2, 3), (4, 0)], goal=(3, 3), observe_others=observe_others)
+    obs, state = env.get_obs(), env.get_state()
+    expected_obs = [[0, 1, 3, 3], [2, 3, 3, 3], [4, 0, 3, 3]]
+    if observe_others:
+        expected_obs = [row + others for row, others in
+                        zip(expected_obs, [[2, 3, 4, 0], [0, 1, 4, 0], [0, 1, 2, 3]])]
+    np.testing.assert_allclose(obs, np.array(expected_obs) / 5)
+    np.testing.assert_allclose(state, np.array([0, 1, 2, 3, 4, 0, 3, 3]) / 5)
+    info = env.get_env_info()
+    assert (info["obs_shape"], info["state_shape"]) == ((8 if observe_others else 4), 8)
+    assert info["n_actions"] == 5 and info["n_agents"] == 3 and info["episode_limit"] == 50
+    assert obs.min() >= 0 and obs.max() < 1
+    np.testing.assert_array_equal(env.get_avail_actions(), np.ones((3, 5)))
+
+
+def test_gridworld_seeded_reset_replays_an_episode():
+    def trajectory(seed):
+        env = envs.MeetingGridworld(n_agents=3, grid_size=6)
+        env.reset(seed=seed)
+        seen = [env.get_state()]
+        for actions in np.random.default_rng(0).integers(0, 5, (20, 3)):
+            env.step(actions)
+            seen.append(env.get_state())
+            if env.done:
+                break
+        return np.array(seen)
+
+    np.testing.assert_array_equal(trajectory(11), trajectory(11))
+    assert not np.array_equal(trajectory(11)[0], trajectory(12)[0])
+
+
+@pytest.mark.parametrize("actions,error", [([5, 0], ValueError), ([-1, 0], ValueError), ([0], ValueError),
+                                           ([0, 0, 0], ValueError), ([1.0, 0.0], TypeError)])
+def test_gridworld_rejects_bad_actions_and_changes_nothing(actions, error):
+    env = gridworld_at([(1, 1), (3, 3)], goal=(0, 4))
+    with pytest.raises(error, match="actions"):
+        env.step(actions)
+    np.testing.assert_array_equal(env.positions, [[1, 1], [3, 3]])
+    assert env.steps == 0
+
+
+@pytest.mark.parametrize("positions,goal,shortest", [
+    ([(0, 0), (4, 4)], (2, 2), 4), ([(0, 0), (0, 1)], (0, 4), 4), ([(1, 1), (4, 4)], (1, 2), 5),
+    ([(3, 3)], (3, 0), 3), ([(2, 2), (2, 0), (2, 4)], (2, 3), 3)])
+def test_gridworld_shortest_length(positions, goal, shortest):
+    assert gridworld_at(positions, goal).optimal_length() == shortest
+
+
+def gridworld_learning_config(t_max):
+    """gamma 0.95, as in examples/meeting_gridworld.py (the README says why)."""
+    return q.Config(mixer="qmix", t_max=t_max, epsilon_anneal_time=4000, buffer_size=10000, gamma=0.95,
+                    target_update_interval=20, hypernet_layers=1, seed=0)
+
+
+def test_qmix_solves_a_small_gridworld_and_an_untrained_one_cannot():
+    """3x3, 2 agents: QMIX must succeed almost always and almost on the shortest path."""
+    env = envs.MeetingGridworld(grid_size=3, n_agents=2, max_steps=20)
+    bar = {"success_rate": 0.97, "optimality_ratio": 1.10}
+    untrained = q.evaluate(env, q.Learner(gridworld_learning_config(0), env.get_env_info()), 300, seed=2**31)
+    assert untrained["success_rate"] < bar["success_rate"]
+    learner = q.train(env, gridworld_learning_config(10000))
+    result = q.evaluate(env, learner, 300, seed=2**31)
+    assert result["success_rate"] >= bar["success_rate"], result
+    assert result["optimality_ratio"] <= bar["optimality_ratio"], result
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints, bad input and numerical failure
+# ------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import zipfile  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def resume_config(t_max):
+    return q.Config(t_max=t_max, agent_hidden_dims=(16,), mixing_embed_dim=8, hypernet_embed=8,
+                    batch_size=16, buffer_size=300, target_update_interval=3, epsilon_anneal_time=500, seed=5)
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+    """Train N steps, save with the buffer, load in a NEW process, train to N + M: the same
+    parameters, optimiser state, counters and buffer as N + M steps without stopping."""
+    straight = q.train(envs.MeetingGridworld(grid_size=4), resume_config(900))
+    first = q.train(envs.MeetingGridworld(grid_size=4), resume_config(400))
+    first.save(tmp_path / "half.npz")
+    script = f"""
+import sys; sys.path.insert(0, {str(HERE)!r})
+import envs, qmix_np as q
+from test_qmix_np import resume_config
+env = envs.MeetingGridworld(grid_size=4)
+learner = q.Learner.load({str(tmp_path / 'half.npz')!r}, env_info=env.get_env_info(), config=resume_config(900))
+q.train(env, resume_config(900), learner=learner).save({str(tmp_path / 'resumed.npz')!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=HERE)
+    resumed = q.Learner.load(tmp_path / "resumed.npz")
+    assert resumed.t_env == straight.t_env and resumed.t_env >= 900 > first.t_env
+    for key, value in straight.state_arrays().items():
+        if key != "config":  # t_max is the only difference
+            np.testing.assert_array_equal(resumed.state_arrays()[key], value, err_msg=key)
+    assert resumed.train_steps == straight.train_steps and resumed.episode == straight.episode
+
+
+def saved(tmp_path, **overrides):
+    learner = q.train(envs.TwoStepGame(), q.Config(t_max=80, agent_hidden_dims=(8,), **overrides))
+    path = tmp_path / "run.npz"
+    learner.save(path)
+    return learner, path
+
+
+def rewrite(path, change):
+    """Rewrite a checkpoint's arrays through change(dict) -> dict, with np.savez (no digest fix-up)."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    np.savez(path, **change(arrays))
+
+
+def test_checkpoint_round_trip_without_the_buffer(tmp_path):
+    learner, _ = saved(tmp_path)
+    learner.save(tmp_path / "small.npz", include_buffer=False)
+    restored = q.Learner.load(tmp_path / "small.npz")
+    np.testing.assert_array_equal(restored.theta, learner.theta)
+    assert len(restored.buffer) == 0 and restored.t_env == learner.t_env
+    assert restored.rng.integers(1 << 30) == learner.rng.integers(1 << 30)
+
+
+def test_a_pickled_object_array_is_refused_without_being_unpickled(tmp_path):
+    _, path = saved(tmp_path)
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (marker,))
+
+    rewrite(path, lambda a: {**a, "theta": np.array([Trap()], dtype=object)})
+    with pytest.raises(ValueError, match="allow_pickle|Object arrays"):
+        q.Learner.load(path)
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_refused(tmp_path):
+    _, path = saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated, corrupt or not .npz"):
+        q.Learner.load(path)
+
+
+def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
+    _, path = saved(tmp_path)
+    with pytest.raises(ValueError, match="differs in \\['agent_hidden_dims'\\]"):
+        q.Learner.load(path, config=q.Config(agent_hidden_dims=(9,)))
+    with pytest.raises(ValueError, match="environment"):
+        q.Learner.load(path, env_info=envs.MeetingGridworld().get_env_info())
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: {**a, "theta": a["theta"][:-1]}, "digest"),
+    (lambda a: {k: v for k, v in a.items() if k != "adam_v"}, "lacks \\['adam_v'\\]"),
+    (lambda a: {**a, "version": np.array(2)}, "version 2"),
+    (lambda a: {k: v for k, v in a.items() if k != "format"}, "not a qmix-np checkpoint"),
+])
+def test_a_tampered_checkpoint_is_refused(tmp_path, change, message):
+    _, path = saved(tmp_path)
+    rewrite(path, change)
+    with pytest.raises(ValueError, match=message):
+        q.Learner.load(path)
+
+
+def test_a_consistent_but_wrong_shaped_checkpoint_is_refused(tmp_path):
+    """Even with a recomputed digest, arrays must fit the stored config."""
+    _, path = saved(tmp_path)
+
+    def shrink(a):
+        a = {k: v for k, v in a.items() if k != "sha256"}
+        a["adam_m"] = a["adam_m"][:10]
+        return {**a, "sha256": np.array(q._digest(a))}
+
+    rewrite(path, shrink)
+    with pytest.raises(ValueError, match="adam_m has shape \\(10,\\)"):
+        q.Learner.load(path)
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    learner, path = saved(tmp_path)
+    before = path.read_bytes()
+    learner.train_step()
+    calls = []
+
+    def failing_write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return real_write(*args, **kwargs)
+
+    real_write = np.lib.format.write_array
+    monkeypatch.setattr(np.lib.format, "write_array", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        learner.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.npz"]  # no temporary left behind
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
+def test_a_non_finite_step_raises_and_changes_nothing():
+    learner = small_learner("qmix", dtype="float32")
+    rng = np.random.default_rng(15)
+    for _ in range(40):
+        learner.buffer.add(**transition(rng, learner))
+    learner.params["agent"]["fc3.bias"][:] = 1e30  # Q ~ 1e30: its square overflows float32
+    theta, m, v = learner.theta.copy(), learner.optimiser.m.copy(), learner.optimiser.v.copy()
+    with pytest.raises(FloatingPointError, match="not finite"):
+        learner.train_step()
+    np.testing.assert_array_equal(learner.theta, theta)
+    np.testing.assert_array_equal(learner.optimiser.m, m)
+    np.testing.assert_array_equal(learner.optimiser.v, v)
+    assert learner.optimiser.t == 0 and learner.train_steps == 0
+
+    learner.config.on_nonfinite = "skip"
+    assert learner.train_step()["skipped"] is True
+    assert learner.skipped_steps == 1 and learner.train_steps == 0
+    np.testing.assert_array_equal(learner.theta, theta)
+
+
+def bad_input_cases():
+    """(name, call(learner, env, good), expected error, words the message must contain)."""
+    def add(**change):
+        return lambda learner, env, good: learner.buffer.add(**{**good, **change})
+
+    nan_obs = np.zeros((3, 4))
+    nan_obs[1, 2] = np.nan
+    return [
+        ("env: too few actions", lambda l, e, g: e.step([0]), ValueError, "actions must have shape (2,)"),
+        ("env: too many actions", lambda l, e, g: e.step([0, 0, 0]), ValueError, "actions must have shape"),
+        ("env: action out of range", lambda l, e, g: e.step([0, 5]), ValueError, "[0, 5)"),
+        ("env: negative action", lambda l, e, g: e.step([-1, 0]), ValueError, "[0, 5)"),
+        ("env: float actions", lambda l, e, g: e.step([0.0, 1.0]), TypeError, "integers"),
+        ("env: unavailable action", lambda l, e, g: e.step([4, 4]), ValueError, "unavailable"),
+        ("buffer: obs shape", add(obs=np.zeros((3, 5))), ValueError, "obs must have shape (3, 4)"),
+        ("buffer: state shape", add(state=np.zeros(4)), ValueError, "state must have shape (5,)"),
+        ("buffer: actions shape", add(actions=np.zeros(2, int)), ValueError, "actions must have shape (3,)"),
+        ("buffer: action out of range", add(actions=np.array([0, 4, 0])), ValueError, "[0, 4)"),
+        ("buffer: nan reward", add(reward=float("nan")), ValueError, "reward must be finite"),
+        ("buffer: inf reward", add(reward=np.inf), ValueError, "reward must be finite"),
+        ("buffer: nan obs", add(obs=nan_obs), ValueError, "obs must be finite"),
+        ("buffer: inf next_obs", add(next_obs=np.full((3, 4), -np.inf)), ValueError, "next_obs must be finite"),
+        ("buffer: text obs", add(obs=np.full((3, 4), "a")), TypeError, "obs must hold numbers"),
+        ("buffer: avail not 0/1", add(avail_actions=np.full((3, 4), 2)), ValueError, "0/1"),
+        ("buffer: no available action", add(next_avail_actions=np.zeros((3, 4))), ValueError, "no available action"),
+        ("select: obs shape", lambda l, e, g: l.select_actions(np.zeros((2, 4)), np.ones((3, 4))), ValueError, "obs must have shape (3, 4)"),
+        ("select: avail shape", lambda l, e, g: l.select_actions(np.zeros((3, 4)), np.ones((3, 5))), ValueError, "avail_actions must have shape (3, 4)"),
+        ("select: nan obs", lambda l, e, g: l.select_actions(nan_obs, np.ones((3, 4))), ValueError, "obs must be finite"),
+        ("select: an agent with no action", lambda l, e, g: l.select_actions(np.zeros((3, 4)), np.eye(3, 4) * np.array([[1], [0], [1]])), ValueError, "agent(s) [1] have no available action"),
+        ("config: unknown mixer", lambda l, e, g: q.Config(mixer="qtran"), ValueError, "Config.mixer"),
+        ("config: negative lr", lambda l, e, g: q.Config(lr=-1.0), ValueError, "Config.lr"),
+        ("config: float batch", lambda l, e, g: q.Config(batch_size=32.0), ValueError, "Config.batch_size"),
+        ("learner: not a Config", lambda l, e, g: q.Learner({"mixer": "qmix"}, e.get_env_info()), TypeError, "config must be a Config"),
+        ("mixer: unknown name", lambda l, e, g: q.get_mixer("sum"), ValueError, "mixer must be one of"),
+    ]
+
+
+class OneUnavailable(envs.MeetingGridworld):
+    """Meeting Gridworld where 'stay' is never available, so an unavailable action exists."""
+
+    def get_avail_actions(self):
+        avail = super().get_avail_actions()
+        avail[:, 4] = 0
+        return avail
+
+
+@pytest.mark.parametrize("name,call,error,words", bad_input_cases(), ids=[c[0] for c in bad_input_cases()])
+def test_bad_input_is_refused_clearly_and_nothing_stored_changes(name, call, error, words):
+    learner = small_learner("qmix")
+    rng = np.random.default_rng(16)
+    for tag in range(5):
+        learner.buffer.add(**transition(rng, learner, float(tag)))
+    env = OneUnavailable(seed=3)
+    good = transition(rng, learner, 9.0)
+    stored = {k: v.copy() for k, v in learner.buffer.data.items()}
+    theta, rng_state = learner.theta.copy(), json.dumps(learner.rng.bit_generator.state)
+    positions, steps = env.positions.copy(), env.steps
+
+    with pytest.raises(error) as caught:
+        call(learner, env, good)
+    assert words in str(caught.value)
+    for key, value in stored.items():
+        np.testing.assert_array_equal(learner.buffer.data[key], value, err_msg=key)
+    assert len(learner.buffer) == 5 and learner.buffer.next_index == 5
+    np.testing.assert_array_equal(learner.theta, theta)
+    assert json.dumps(learner.rng.bit_generator.state) == rng_state
+    np.testing.assert_array_equal(env.positions, positions)
+    assert env.steps == steps

@@ -1,0 +1,239 @@
+"""Meeting Gridworld: QMIX, VDN and independent learners, same budget, same hyperparameters.
+
+Every agent must stand on the goal at the same time (envs.MeetingGridworld). Each method is
+trained on several seeds; each seed is then evaluated greedily on 1000 fresh episodes (reset
+seeds 2**31, 2**31 + 1, ...: the same episodes for every method and seed, never a training
+episode), reporting success rate, mean return, mean length and the optimality ratio (mean over
+successful episodes of length / shortest possible length). While training it prints a progress
+line every few seconds (to stderr); every --curve-every env steps it evaluates greedily on
+--curve-episodes episodes for the learning curves, written as CSV (and as a PNG if matplotlib
+happens to be installed). Curve evaluations are not counted in the training seconds.
+
+    python examples/meeting_gridworld.py                      # 5x5, 2 agents, 5 seeds, 3 methods
+    python examples/meeting_gridworld.py --methods qmix --seeds 1 --t-max 20000
+    python examples/meeting_gridworld.py --grid-size 7 --n-agents 3 --t-max 300000
+    python examples/meeting_gridworld.py --json               # summary as one JSON object
+    python examples/meeting_gridworld.py --methods qmix --seeds 1 --t-max 40000 --save runs
+    python examples/meeting_gridworld.py --load runs/qmix-seed0.npz --t-max 80000  # resume to 80k
+    python examples/meeting_gridworld.py --load runs/qmix-seed0.npz --t-max 0      # evaluate only
+
+--save DIR writes each trained learner to DIR/<method>-seed<seed>.npz (with its replay buffer).
+--load FILE... continues each saved learner up to --t-max env steps (nothing more if it already
+has them) and evaluates it; the grid flags must describe the environment it was trained on.
+"""
+import dataclasses
+import argparse
+import collections
+import csv
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import envs  # noqa: E402
+import qmix_np as q  # noqa: E402
+
+NAMES = {"qmix": "QMIX", "vdn": "VDN", "none": "IQL"}
+EVAL_SEED = 2**31  # final evaluation seeds start here; training seeds are drawn below 2**31
+CURVE_SEED = 2**32  # learning-curve evaluation seeds
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(NAMES), choices=list(NAMES),
+                        help="mixers to train (none = independent learners)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0, 1, ... per method")
+    parser.add_argument("--t-max", type=int, default=50000, help="training env steps per seed")
+    parser.add_argument("--epsilon-anneal-time", type=int, default=None,
+                        help="env steps of epsilon annealing (default: 2/5 of --t-max)")
+    parser.add_argument("--grid-size", type=int, default=5)
+    parser.add_argument("--n-agents", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=50, help="time limit per episode")
+    parser.add_argument("--observe-others", action="store_true",
+                        help="each agent also observes the other agents' positions")
+    parser.add_argument("--eval-episodes", type=int, default=1000)
+    parser.add_argument("--curve-every", type=int, default=5000, help="env steps between curve points")
+    parser.add_argument("--curve-episodes", type=int, default=100)
+    parser.add_argument("--progress-seconds", type=float, default=5.0)
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"),
+                        help="folder for the curves (CSV, PNG)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("--save", metavar="DIR", help="save each trained learner in DIR")
+    parser.add_argument("--load", nargs="+", metavar="FILE", help="resume / evaluate saved learners")
+    args = parser.parse_args()
+    if args.t_max < 0 or (args.t_max == 0 and not args.load):
+        parser.error("--t-max must be at least 1 (0 only with --load: evaluate without training)")
+    for name in ("seeds", "eval_episodes", "curve_every", "curve_episodes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        make_env(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def make_env(args):
+    return envs.MeetingGridworld(args.grid_size, args.n_agents, args.max_steps, args.observe_others)
+
+
+def make_config(args, mixer, seed):
+    """The same hyperparameters for every method; only the mixer differs.
+
+    gamma 0.95, not pymarl's 0.99: with one team reward, an agent that is ahead of its partner
+    gains only ~10 gamma^d (1 - gamma) by moving on rather than waiting, a gap too small at
+    0.99 to be learned reliably everywhere, and a greedy agent that waits waits forever.
+    """
+    anneal = args.epsilon_anneal_time or max(1, args.t_max * 2 // 5)
+    return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
+                    gamma=0.95, buffer_size=50000, target_update_interval=20, hypernet_layers=1)
+
+
+class Monitor:
+    """The training callback: progress lines and learning-curve points."""
+
+    def __init__(self, args, method, seed):
+        self.args, self.label = args, f"{NAMES[method]} seed {seed}"
+        self.recent = collections.deque(maxlen=100)  # successes of the last 100 training episodes
+        self.last_print = time.perf_counter()
+        self.next_curve = 0
+        self.curve = []  # (env steps, greedy success, greedy mean return)
+        self.eval_seconds = 0.0
+
+    def __call__(self, learner, episode_return, length, success):
+        self.recent.append(success)
+        if learner.t_env >= self.next_curve:
+            self.add_curve_point(learner)
+        if time.perf_counter() - self.last_print >= self.args.progress_seconds:
+            self.last_print = time.perf_counter()
+            loss = learner.last_diagnostics["loss"] if learner.last_diagnostics else float("nan")
+            print(f"[{self.label}] {learner.t_env:>8,} env steps {learner.episode:>7,} episodes  "
+                  f"epsilon {learner.epsilon():.2f}  loss {loss:.4f}  "
+                  f"success (last 100 episodes) {np.mean(self.recent):.0%}", file=sys.stderr, flush=True)
+
+    def add_curve_point(self, learner):
+        start = time.perf_counter()
+        result = q.evaluate(make_env(self.args), learner, self.args.curve_episodes, CURVE_SEED)
+        self.curve.append((learner.t_env, result["success_rate"], result["mean_return"]))
+        self.next_curve += self.args.curve_every
+        self.eval_seconds += time.perf_counter() - start
+
+
+def run_seed(args, method, seed, learner=None):
+    """Train (or continue `learner`) and evaluate one seed: its results and learning curve."""
+    monitor = Monitor(args, method, seed)
+    config = make_config(args, method, seed)
+    if learner is not None:
+        config = dataclasses.replace(learner.config, t_max=args.t_max)
+    start = time.perf_counter()
+    learner = q.train(make_env(args), config, learner=learner, callback=monitor)
+    monitor.add_curve_point(learner)
+    if args.save:
+        pathlib.Path(args.save).mkdir(parents=True, exist_ok=True)
+        learner.save(pathlib.Path(args.save) / f"{method}-seed{seed}.npz")
+    train_seconds = time.perf_counter() - start - monitor.eval_seconds
+    result = q.evaluate(make_env(args), learner, args.eval_episodes, EVAL_SEED)
+    return {**result, "train_seconds": train_seconds, "env_steps": learner.t_env}, monitor.curve
+
+
+def write_curves(args, curves):
+    """curves: {(method, seed): [(env steps, success, return), ...]} -> CSV, and PNG if possible."""
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"meeting_gridworld_{args.grid_size}x{args.grid_size}_{args.n_agents}agents"
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seed", "env_steps", "greedy_success", "greedy_mean_return"])
+        for (method, seed), points in curves.items():
+            writer.writerows([NAMES[method], seed, *point] for point in points)
+    written = [out / f"{stem}.csv"]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, method in enumerate(dict.fromkeys(m for m, _ in curves)):
+        runs = [np.array(p) for (m, _), p in curves.items() if m == method]
+        for column, ax in ((1, axes[0]), (2, axes[1])):
+            for run in runs:
+                ax.plot(run[:, 0], run[:, column], color=f"C{i}", alpha=0.25, linewidth=0.8)
+            n = min(len(r) for r in runs)
+            mean = np.mean([r[:n, column] for r in runs], axis=0)
+            ax.plot(runs[0][:n, 0], mean, color=f"C{i}", linewidth=2, label=f"{NAMES[method]} (mean of {len(runs)})")
+    axes[0].set_ylabel("greedy success rate")
+    axes[1].set_ylabel("greedy mean return")
+    for ax in axes:
+        ax.set_xlabel("env steps")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.suptitle(f"Meeting Gridworld {args.grid_size}x{args.grid_size}, {args.n_agents} agents")
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=110)
+    return written + [out / f"{stem}.png"]
+
+
+def mean_std(values, scale=1.0, digits=2):
+    """'mean +- std' over seeds, ignoring seeds where the value is undefined (NaN)."""
+    values = np.asarray(values, dtype=float) * scale
+    values = values[~np.isnan(values)]
+    return f"{values.mean():.{digits}f} +- {values.std():.{digits}f}" if values.size else "n/a"
+
+
+def json_number(value):
+    """NaN (no successful episode, so no optimality ratio) is not JSON: write null."""
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
+def print_summary(args, results, written):
+    print(f"\nMeeting Gridworld {args.grid_size}x{args.grid_size}, {args.n_agents} agents, "
+          f"{args.max_steps}-step limit, observations: own position and goal"
+          f"{' and the other agents' if args.observe_others else ''}. {args.t_max:,} training env steps "
+          f"per seed, {max(len(r) for r in results.values())} seeds; greedy evaluation on "
+          f"{args.eval_episodes} fresh episodes per seed.")
+    print(f"\n{'method':<8}{'success %':>18}{'return':>16}{'length':>16}{'length/shortest':>20}{'train s/seed':>14}")
+    for method, runs in results.items():
+        print(f"{NAMES[method]:<8}{mean_std([r['success_rate'] for r in runs], 100, 1):>18}"
+              f"{mean_std([r['mean_return'] for r in runs]):>16}{mean_std([r['mean_length'] for r in runs]):>16}"
+              f"{mean_std([r['optimality_ratio'] for r in runs], digits=3):>20}"
+              f"{np.mean([r['train_seconds'] for r in runs]):>14.1f}")
+    print("\nper seed (success %, length/shortest, train s):")
+    for method, runs in results.items():
+        cells = [f"{r['success_rate']:.1%} {r['optimality_ratio']:.3f} {r['train_seconds']:.0f}s" for r in runs]
+        print(f"  {NAMES[method]:<6}" + " | ".join(cells))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+
+
+def jobs(args):
+    """(method, seed, learner or None) for every run: fresh ones, or the --load files."""
+    if not args.load:
+        return [(method, seed, None) for method in args.methods for seed in range(args.seeds)]
+    env_info = make_env(args).get_env_info()
+    try:
+        loaded = [q.Learner.load(path, env_info=env_info) for path in args.load]
+    except (OSError, ValueError) as err:
+        sys.exit(f"--load: {err}")
+    return [(learner.config.mixer, learner.config.seed, learner) for learner in loaded]
+
+
+def main():
+    args = parse_args()
+    results, curves = {}, {}
+    for method, seed, learner in jobs(args):
+        result, curves[method, seed] = run_seed(args, method, seed, learner)
+        results.setdefault(method, []).append(result)
+    written = write_curves(args, curves)
+    if args.json:
+        keys = ("success_rate", "mean_return", "mean_length", "optimality_ratio", "train_seconds")
+        print(json.dumps({NAMES[m]: {k: [json_number(r[k]) for r in runs] for k in keys}
+                          for m, runs in results.items()}))
+    else:
+        print_summary(args, results, written)
+
+
+if __name__ == "__main__":
+    main()
