@@ -695,7 +695,11 @@ class ReplayBuffer:
         checked["avail_actions"] = check_avail_actions("avail_actions", avail_actions, n, a)
         checked["next_avail_actions"] = check_avail_actions("next_avail_actions", next_avail_actions, n, a)
         checked["actions"] = check_actions("actions", actions, checked["avail_actions"])
-        for key, value in checked.items():
+        self._write(checked)
+
+    def _write(self, transition):
+        """Store a transition whose every field has been checked (by add, or as it left the env)."""
+        for key, value in transition.items():
             self.data[key][self.next_index] = value
         self.next_index = (self.next_index + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
@@ -770,6 +774,10 @@ class Learner:
         """
         obs = _check_array("obs", obs, (self.n_agents, self.obs_dim), "float")
         avail = check_avail_actions("avail_actions", avail_actions, self.n_agents, self.n_actions)
+        return self._select_actions(obs, avail, epsilon)
+
+    def _select_actions(self, obs, avail, epsilon):
+        """select_actions on inputs already checked: obs (N, O) finite, avail (N, A) bool."""
         inputs = build_agent_inputs(obs[None], self.config.obs_agent_id, self.dtype)  # (1, N, I)
         q, _ = agent_forward(self.params["agent"], inputs)
         actions = masked_argmax(q[0], avail)  # (N,)
@@ -974,6 +982,14 @@ def _reset(env, seed):
         env.reset()
 
 
+def observe(env, learner):
+    """The env's (obs, state, avail_actions), each checked once, here, as it enters the loop."""
+    n, o, s, a = learner.n_agents, learner.obs_dim, learner.state_dim, learner.n_actions
+    return (_check_array("env.get_obs()", env.get_obs(), (n, o), "float"),
+            _check_array("env.get_state()", env.get_state(), (s,), "float"),
+            check_avail_actions("env.get_avail_actions()", env.get_avail_actions(), n, a))
+
+
 def run_episode(env, learner, learn=False):
     """Play one episode from a freshly reset env; returns (return, length, success).
 
@@ -982,19 +998,21 @@ def run_episode(env, learner, learn=False):
     the buffer holds a batch. A time limit (info["episode_limit"]) is not terminal: it is stored
     with terminated False so that the target bootstraps. Success = ended before the time limit.
     """
-    obs, state, avail = env.get_obs(), env.get_state(), env.get_avail_actions()
+    obs, state, avail = observe(env, learner)
     episode_return, length, terminated, info = 0.0, 0, False, {}
     while not terminated:
         epsilon = learner.epsilon() if learn else 0.0
-        actions = learner.select_actions(obs, avail, epsilon)
+        actions = learner._select_actions(obs, avail, epsilon)
         reward, terminated, info = env.step(actions)
+        reward = float(_check_array("reward", reward, (), "float"))
         episode_return += reward
         length += 1
-        next_obs, next_state, next_avail = env.get_obs(), env.get_state(), env.get_avail_actions()
+        next_obs, next_state, next_avail = observe(env, learner)
         if learn:
             truly_terminal = bool(terminated) and not info.get("episode_limit", False)
-            learner.buffer.add(obs, state, actions, avail, reward, truly_terminal,
-                               next_obs, next_state, next_avail)
+            learner.buffer._write(dict(obs=obs, state=state, actions=actions, avail_actions=avail,
+                                       reward=reward, terminated=truly_terminal, next_obs=next_obs,
+                                       next_state=next_state, next_avail_actions=next_avail))
             learner.t_env += 1
             if len(learner.buffer) >= learner.config.batch_size:
                 learner.last_diagnostics = learner.train_step()
