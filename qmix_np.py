@@ -19,7 +19,7 @@ Names and defaults follow the canonical PyTorch code, oxwhirl/pymarl (QMixer, QL
 two can be read side by side; the README lists where this file departs from the paper and pymarl.
 
 Sections follow the data: config -> primitives -> agent network -> mixers -> TD loss ->
-optimiser -> replay buffer -> learner -> train / evaluate. Every forward returns (out, cache)
+optimiser -> replay buffer -> checkpoint format -> learner -> train / evaluate. Every forward returns (out, cache)
 and every backward takes (dout, cache) and returns (d_input, {param name: grad}); nothing keeps
 hidden state, so online and target networks can both run forward before any backward.
 
@@ -45,9 +45,6 @@ import numpy as np
 # ------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------
-
-MIXER_NAMES = ("qmix", "vdn", "none")
-
 
 @dataclass
 class Config:
@@ -110,7 +107,7 @@ def _is_real(x, low, high):
 
 
 _CONFIG_RULES = (  # (field, test, what it must be)
-    ("mixer", lambda v: v in MIXER_NAMES, f"one of {MIXER_NAMES}"),
+    ("mixer", lambda v: v in MIXERS, "one of 'qmix', 'vdn', 'none'"),  # MIXERS: see Mixers
     ("mixing_embed_dim", lambda v: _is_int(v, 1), "an int >= 1"),
     ("hypernet_layers", lambda v: _is_int(v, 1) and v <= 2, "1 or 2"),
     ("hypernet_embed", lambda v: _is_int(v, 1), "an int >= 1"),
@@ -236,7 +233,7 @@ def init_linear(rng, name, in_dim, out_dim, groups=None, dtype=np.float64):
     return {f"{name}.weight": weight, f"{name}.bias": bias}
 
 
-def hypernet_layers(params, name):
+def hypernet_layer_names(params, name):
     """pymarl's names for a hypernetwork: one Linear `name`, or `name.0` -> ReLU -> `name.2`."""
     return (name,) if f"{name}.weight" in params else (f"{name}.0", f"{name}.2")
 
@@ -368,7 +365,7 @@ def qmix_mixer_forward(params, agent_qs, states):
     as one matmul; what follows each of them is its own.
     """
     batch, n_agents = agent_qs.shape
-    w1_layers, wf_layers = hypernet_layers(params, "hyper_w_1"), hypernet_layers(params, "hyper_w_final")
+    w1_layers, wf_layers = hypernet_layer_names(params, "hyper_w_1"), hypernet_layer_names(params, "hyper_w_final")
     (w1_z, wf_z, b1, v_z), state_cache = linear_stack_forward(
         params, [w1_layers[0], wf_layers[0], "hyper_b_1", "V.0"], states)
     w1_raw, w1_tail = tail_forward(params, w1_layers[1:], w1_z)  # (B, N*E)
@@ -720,6 +717,51 @@ class ReplayBuffer:
 
 
 # ------------------------------------------------------------------------------------------
+# Checkpoint format: named arrays in one .npz, no pickles, a SHA-256 digest over all of them
+# ------------------------------------------------------------------------------------------
+
+ENV_INFO_KEYS = ("n_agents", "n_actions", "obs_shape", "state_shape", "episode_limit")
+COUNTERS = ("t_env", "episode", "train_steps", "last_target_update_episode", "skipped_steps")
+CHECKPOINT_FORMAT = "qmix-np checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _digest(arrays):
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def _read_checkpoint(path):
+    """Every array of a checkpoint file, checked for format, version, keys and digest."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupt or not .npz): {err}") from None
+    if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a qmix-np checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
+    version = arrays.get("version")
+    if version is None or version.shape != () or int(version) != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {version}, this code reads {CHECKPOINT_VERSION}")
+    required = {"format", "version", "config", "env_info", "theta", "target_theta", "adam_m",
+                "adam_v", "adam_t", "counters", "rng_state", "sha256"}
+    missing = required - set(arrays)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)}")
+    stored = str(arrays.pop("sha256"))
+    if _digest(arrays) != stored:
+        raise ValueError(f"{path}: the contents do not match the stored SHA-256 digest (tampered or corrupt)")
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------
 # Learner
 # ------------------------------------------------------------------------------------------
 
@@ -926,47 +968,6 @@ class Learner:
         self.optimiser.t = adam_t
         for name, value in zip(COUNTERS, counters.tolist()):
             setattr(self, name, value)
-
-
-ENV_INFO_KEYS = ("n_agents", "n_actions", "obs_shape", "state_shape", "episode_limit")
-COUNTERS = ("t_env", "episode", "train_steps", "last_target_update_episode", "skipped_steps")
-CHECKPOINT_FORMAT = "qmix-np checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-def _digest(arrays):
-    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        value = np.ascontiguousarray(arrays[key])
-        h.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
-
-
-def _read_checkpoint(path):
-    """Every array of a checkpoint file, checked for format, version, keys and digest."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
-        raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupt or not .npz): {err}") from None
-    if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a qmix-np checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
-    version = arrays.get("version")
-    if version is None or version.shape != () or int(version) != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {version}, this code reads {CHECKPOINT_VERSION}")
-    required = {"format", "version", "config", "env_info", "theta", "target_theta", "adam_m",
-                "adam_v", "adam_t", "counters", "rng_state", "sha256"}
-    missing = required - set(arrays)
-    if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)}")
-    stored = str(arrays.pop("sha256"))
-    if _digest(arrays) != stored:
-        raise ValueError(f"{path}: the contents do not match the stored SHA-256 digest (tampered or corrupt)")
-    return arrays
 
 
 # ------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def parse_args():
     parser.add_argument("--t-max", type=int, default=50000, help="training env steps per seed")
     parser.add_argument("--epsilon-anneal-time", type=int, default=None,
                         help="env steps of epsilon annealing (default: 2/5 of --t-max)")
+    parser.add_argument("--buffer-size", type=int, default=50000, help="replay capacity (transitions)")
     parser.add_argument("--grid-size", type=int, default=5)
     parser.add_argument("--n-agents", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=50, help="time limit per episode")
@@ -66,7 +67,7 @@ def parse_args():
     args = parser.parse_args()
     if args.t_max < 0 or (args.t_max == 0 and not args.load):
         parser.error("--t-max must be at least 1 (0 only with --load: evaluate without training)")
-    for name in ("seeds", "eval_episodes", "curve_every", "curve_episodes"):
+    for name in ("seeds", "eval_episodes", "curve_every", "curve_episodes", "buffer_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
@@ -89,7 +90,7 @@ def make_config(args, mixer, seed):
     """
     anneal = args.epsilon_anneal_time or max(1, args.t_max * 2 // 5)
     return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
-                    gamma=0.95, buffer_size=50000, target_update_interval=20, hypernet_layers=1)
+                    gamma=0.95, buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
 
 
 class Monitor:
@@ -136,7 +137,9 @@ def run_seed(args, method, seed, learner=None):
         learner.save(pathlib.Path(args.save) / f"{method}-seed{seed}.npz")
     train_seconds = time.perf_counter() - start - monitor.eval_seconds
     result = q.evaluate(make_env(args), learner, args.eval_episodes, EVAL_SEED)
-    return {**result, "train_seconds": train_seconds, "env_steps": learner.t_env}, monitor.curve
+    recent = float(np.mean(monitor.recent)) if monitor.recent else float("nan")
+    return {**result, "train_seconds": train_seconds, "env_steps": learner.t_env,
+            "train_episodes": learner.episode, "train_success_last_100": recent}, monitor.curve
 
 
 def write_curves(args, curves):
@@ -195,12 +198,15 @@ def print_summary(args, results, written):
           f"{' and the other agents' if args.observe_others else ''}. {args.t_max:,} training env steps "
           f"per seed, {max(len(r) for r in results.values())} seeds; greedy evaluation on "
           f"{args.eval_episodes} fresh episodes per seed.")
-    print(f"\n{'method':<8}{'success %':>18}{'return':>16}{'length':>16}{'length/shortest':>20}{'train s/seed':>14}")
+    print(f"\n{'method':<8}{'success %':>18}{'return':>16}{'length':>16}{'length/shortest':>20}"
+          f"{'train s/seed':>14}{'train episodes':>16}{'last 100 train %':>20}")
     for method, runs in results.items():
         print(f"{NAMES[method]:<8}{mean_std([r['success_rate'] for r in runs], 100, 1):>18}"
               f"{mean_std([r['mean_return'] for r in runs]):>16}{mean_std([r['mean_length'] for r in runs]):>16}"
               f"{mean_std([r['optimality_ratio'] for r in runs], digits=3):>20}"
-              f"{np.mean([r['train_seconds'] for r in runs]):>14.1f}")
+              f"{np.mean([r['train_seconds'] for r in runs]):>14.1f}"
+              f"{np.mean([r['train_episodes'] for r in runs]):>16,.0f}"
+              f"{mean_std([r['train_success_last_100'] for r in runs], 100, 1):>20}")
     print("\nper seed (success %, length/shortest, train s):")
     for method, runs in results.items():
         cells = [f"{r['success_rate']:.1%} {r['optimality_ratio']:.3f} {r['train_seconds']:.0f}s" for r in runs]
@@ -228,7 +234,8 @@ def main():
         results.setdefault(method, []).append(result)
     written = write_curves(args, curves)
     if args.json:
-        keys = ("success_rate", "mean_return", "mean_length", "optimality_ratio", "train_seconds")
+        keys = ("success_rate", "mean_return", "mean_length", "optimality_ratio", "train_seconds",
+                "train_episodes", "train_success_last_100")
         print(json.dumps({NAMES[m]: {k: [json_number(r[k]) for r in runs] for k in keys}
                           for m, runs in results.items()}))
     else:
