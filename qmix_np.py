@@ -776,6 +776,9 @@ class Learner:
     def __init__(self, config, env_info):
         if not isinstance(config, Config):
             raise TypeError(f"config must be a Config, got {type(config).__name__}")
+        missing = [k for k in ENV_INFO_KEYS if k not in env_info]
+        if missing:
+            raise ValueError(f"env_info lacks {missing} (pymarl's get_env_info() has all of {ENV_INFO_KEYS})")
         self.config = config
         self.env_info = {k: int(np.prod(env_info[k])) for k in ENV_INFO_KEYS}
         self.n_agents = int(env_info["n_agents"])

@@ -911,6 +911,7 @@ def bad_input_cases():
         ("config: float batch", lambda l, e, g: q.Config(batch_size=32.0), ValueError, "Config.batch_size"),
         ("learner: not a Config", lambda l, e, g: q.Learner({"mixer": "qmix"}, e.get_env_info()), TypeError, "config must be a Config"),
         ("mixer: unknown name", lambda l, e, g: q.get_mixer("sum"), ValueError, "mixer must be one of"),
+        ("learner: env_info without n_actions", lambda l, e, g: q.Learner(q.Config(), {"n_agents": 2}), ValueError, "lacks ['n_actions'"),
     ]
 
 
