@@ -713,7 +713,7 @@ class ReplayBuffer:
         return self._gather((start + np.arange(self.size)) % self.capacity)
 
     def _gather(self, index):
-        return {key: array[index] for key, array in self.data.items()}
+        return {key: np.take(array, index, axis=0) for key, array in self.data.items()}
 
 
 # ------------------------------------------------------------------------------------------

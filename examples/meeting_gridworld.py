@@ -119,7 +119,7 @@ class Monitor:
         start = time.perf_counter()
         result = q.evaluate(make_env(self.args), learner, self.args.curve_episodes, CURVE_SEED)
         self.curve.append((learner.t_env, result["success_rate"], result["mean_return"]))
-        self.next_curve += self.args.curve_every
+        self.next_curve = learner.t_env + self.args.curve_every  # also right for a resumed run
         self.eval_seconds += time.perf_counter() - start
 
 
