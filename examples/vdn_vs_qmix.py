@@ -1,8 +1,9 @@
 """QMIX against VDN and independent learners on the QMIX paper's two-step game.
 
 Trains each method with full exploration (epsilon = 1, as in the paper) on several seeds, then
-prints the learned Q_tot tables of the first seed beside the fixed point a correct
-implementation approaches and the paper's learned values, and each seed's greedy return.
+prints the learned Q_tot tables of the first seed beside theory (each method's fixed point
+under uniform exploration; for QMIX the true Q_tot) and the paper's learned values, and each
+seed's greedy return.
 QMIX should earn 8 (B, then B, B); VDN's additive Q_tot misjudges state 2B and takes the sure 7.
 
     python examples/vdn_vs_qmix.py                 # the paper's game, 5 seeds
@@ -80,7 +81,7 @@ def print_method(method, returns, tables, seconds, reference, paper):
     what = "Q_1 + Q_2 (independent learners have no Q_tot)" if method == "IQL" else "Q_tot"
     print(f"\n{method}: greedy return per seed {', '.join(f'{r:g}' for r in returns)}"
           f"   ({seconds:.1f} s per seed). Tables of {what}:")
-    print(f"  state  {'learned, seed 0':<28}{'fixed point':<18}paper")
+    print(f"  state  {'learned, seed 0':<28}{'theory':<18}paper")
     for name in ("1", "2A", "2B"):
         for i in range(2):
             label = name if i == 0 else ""
