@@ -49,6 +49,7 @@ def parse_args():
     parser.add_argument("--t-max", type=int, default=50000, help="training env steps per seed")
     parser.add_argument("--epsilon-anneal-time", type=int, default=None,
                         help="env steps of epsilon annealing (default: 2/5 of --t-max)")
+    parser.add_argument("--epsilon-finish", type=float, default=0.05, help="epsilon after annealing")
     parser.add_argument("--buffer-size", type=int, default=50000, help="replay capacity (transitions)")
     parser.add_argument("--grid-size", type=int, default=5)
     parser.add_argument("--n-agents", type=int, default=2)
@@ -90,6 +91,7 @@ def make_config(args, mixer, seed):
     """
     anneal = args.epsilon_anneal_time or max(1, args.t_max * 2 // 5)
     return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
+                    epsilon_finish=args.epsilon_finish,
                     gamma=0.95, buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
 
 

@@ -64,7 +64,8 @@ def main():
     if args.t_max < 1 or args.check_every < 1:
         parser.error("--t-max and --check-every must be at least 1")
 
-    settings = argparse.Namespace(t_max=args.t_max, epsilon_anneal_time=None, buffer_size=50000)
+    settings = argparse.Namespace(t_max=args.t_max, epsilon_anneal_time=None, buffer_size=50000,
+                                  epsilon_finish=0.05)
     config = meeting_gridworld.make_config(settings, args.mixer, args.seed)
     env = envs.MeetingGridworld()
     low, high = -0.01 / (1 - config.gamma), 10.0
