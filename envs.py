@@ -156,7 +156,6 @@ class MeetingGridworld(MultiAgentEnv):
         xy = np.stack(np.divmod(cells, self.grid_size), axis=1)  # (N + 1, 2)
         self.positions, self.goal = xy[:-1].copy(), xy[-1].copy()  # (N, 2), (2,)
         self.steps, self.done = 0, False
-        self.shortest = self.optimal_length()
         return self.get_obs(), self.get_state()
 
     def step(self, actions):
