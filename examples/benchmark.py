@@ -47,6 +47,7 @@ ARGS = parse_args()
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)  # before NumPy loads its BLAS
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
@@ -181,9 +182,9 @@ def training_steps_per_second(steps, dtype):
     exploration and buffer writes included (timed after the buffer first holds a batch)."""
     config = bench_config(32, dtype)
     env = envs.MeetingGridworld()
-    learner = q.train(env, q.dataclasses.replace(config, t_max=200))
+    learner = q.train(env, dataclasses.replace(config, t_max=200))
     start_steps, start = learner.t_env, time.perf_counter()
-    q.train(env, q.dataclasses.replace(config, t_max=200 + steps), learner=learner)
+    q.train(env, dataclasses.replace(config, t_max=200 + steps), learner=learner)
     return (learner.t_env - start_steps) / (time.perf_counter() - start)
 
 
