@@ -45,7 +45,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(NAMES), choices=list(NAMES),
                         help="mixers to train (none = independent learners)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0, 1, ... per method")
+    parser.add_argument("--seeds", type=int, default=5, help="how many seeds per method")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--t-max", type=int, default=50000, help="training env steps per seed")
     parser.add_argument("--epsilon-anneal-time", type=int, default=None,
                         help="env steps of epsilon annealing (default: 2/5 of --t-max)")
@@ -68,6 +69,8 @@ def parse_args():
     args = parser.parse_args()
     if args.t_max < 0 or (args.t_max == 0 and not args.load):
         parser.error("--t-max must be at least 1 (0 only with --load: evaluate without training)")
+    if args.first_seed < 0:
+        parser.error("--first-seed must be at least 0")
     for name in ("seeds", "eval_episodes", "curve_every", "curve_episodes", "buffer_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -219,7 +222,8 @@ def print_summary(args, results, written):
 def jobs(args):
     """(method, seed, learner or None) for every run: fresh ones, or the --load files."""
     if not args.load:
-        return [(method, seed, None) for method in args.methods for seed in range(args.seeds)]
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        return [(method, seed, None) for method in args.methods for seed in seeds]
     env_info = make_env(args).get_env_info()
     try:
         loaded = [q.Learner.load(path, env_info=env_info) for path in args.load]
