@@ -147,6 +147,9 @@ class MeetingGridworld(MultiAgentEnv):
                              f"{n_agents} agents and a goal on distinct cells (needs {n_agents + 1})")
         self.grid_size, self.n_agents, self.episode_limit = grid_size, n_agents, max_steps
         self.observe_others = bool(observe_others)
+        # others[i] = the other agents in agent order: (N, N - 1), made once, used every step
+        self.others = np.array([[j for j in range(n_agents) if j != i] for i in range(n_agents)],
+                               dtype=np.int64).reshape(n_agents, n_agents - 1)
         self.rng = np.random.default_rng(seed)
         self.reset()
 
@@ -179,8 +182,8 @@ class MeetingGridworld(MultiAgentEnv):
         n = self.n_agents
         own_and_goal = np.concatenate([self.positions, np.tile(self.goal, (n, 1))], axis=1)  # (N, 4)
         if self.observe_others:
-            others = np.array([np.delete(self.positions, i, axis=0).ravel() for i in range(n)])
-            own_and_goal = np.concatenate([own_and_goal, others.reshape(n, -1)], axis=1)
+            others = self.positions[self.others].reshape(n, -1)  # (N, 2 (N - 1))
+            own_and_goal = np.concatenate([own_and_goal, others], axis=1)
         return own_and_goal / self.grid_size
 
     def get_state(self):
