@@ -20,6 +20,8 @@ happens to be installed). Curve evaluations are not counted in the training seco
 --save DIR writes each trained learner to DIR/<method>-seed<seed>.npz (with its replay buffer).
 --load FILE... continues each saved learner up to --t-max env steps (nothing more if it already
 has them) and evaluates it; the grid flags must describe the environment it was trained on.
+--plot CSV... trains nothing: it merges the curves of runs made separately (say, one process per
+seed with --first-seed) into one CSV and one figure, named after --grid-size and --n-agents.
 """
 import dataclasses
 import argparse
@@ -55,6 +57,8 @@ def parse_args():
     parser.add_argument("--grid-size", type=int, default=5)
     parser.add_argument("--n-agents", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=50, help="time limit per episode")
+    parser.add_argument("--agent-hidden-dims", type=int, nargs="+", default=[64, 64], metavar="H",
+                        help="hidden layer widths of the agent MLP (one ReLU layer per width)")
     parser.add_argument("--observe-others", action="store_true",
                         help="each agent also observes the other agents' positions")
     parser.add_argument("--eval-episodes", type=int, default=1000)
@@ -66,6 +70,9 @@ def parse_args():
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--save", metavar="DIR", help="save each trained learner in DIR")
     parser.add_argument("--load", nargs="+", metavar="FILE", help="resume / evaluate saved learners")
+    parser.add_argument("--plot", nargs="+", metavar="CSV",
+                        help="train nothing: merge the curve CSVs of earlier runs (e.g. seeds run as "
+                             "separate processes) into one CSV and figure in --out")
     args = parser.parse_args()
     if args.t_max < 0 or (args.t_max == 0 and not args.load):
         parser.error("--t-max must be at least 1 (0 only with --load: evaluate without training)")
@@ -74,6 +81,8 @@ def parse_args():
     for name in ("seeds", "eval_episodes", "curve_every", "curve_episodes", "buffer_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.agent_hidden_dims) < 1:
+        parser.error("--agent-hidden-dims must all be at least 1")
     try:
         make_env(args)
     except ValueError as err:
@@ -94,7 +103,7 @@ def make_config(args, mixer, seed):
     """
     anneal = args.epsilon_anneal_time or max(1, args.t_max * 2 // 5)
     return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
-                    epsilon_finish=args.epsilon_finish,
+                    epsilon_finish=args.epsilon_finish, agent_hidden_dims=tuple(args.agent_hidden_dims),
                     gamma=0.95, buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
 
 
@@ -200,7 +209,8 @@ def json_number(value):
 def print_summary(args, results, written):
     print(f"\nMeeting Gridworld {args.grid_size}x{args.grid_size}, {args.n_agents} agents, "
           f"{args.max_steps}-step limit, observations: own position and goal"
-          f"{' and the other agents' if args.observe_others else ''}. {args.t_max:,} training env steps "
+          f"{' and the other agents' if args.observe_others else ''}, agent MLP hidden "
+          f"{'-'.join(map(str, args.agent_hidden_dims))}. {args.t_max:,} training env steps "
           f"per seed, {max(len(r) for r in results.values())} seeds; greedy evaluation on "
           f"{args.eval_episodes} fresh episodes per seed.")
     print(f"\n{'method':<8}{'success %':>18}{'return':>16}{'length':>16}{'length/shortest':>20}"
@@ -232,8 +242,30 @@ def jobs(args):
     return [(learner.config.mixer, learner.config.seed, learner) for learner in loaded]
 
 
+def read_curves(paths):
+    """The learning curves in CSVs written by write_curves: {(method, seed): [points]}."""
+    methods = {name: method for method, name in NAMES.items()}
+    curves = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            try:
+                for row in csv.DictReader(f):
+                    point = (int(row["env_steps"]), float(row["greedy_success"]), float(row["greedy_mean_return"]))
+                    curves.setdefault((methods[row["method"]], int(row["seed"])), []).append(point)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path} is not a curve CSV written by this script ({err!r})") from None
+    return curves
+
+
 def main():
     args = parse_args()
+    if args.plot:
+        try:
+            curves = read_curves(args.plot)
+        except (OSError, ValueError) as err:
+            sys.exit(f"--plot: {err}")
+        print("wrote " + ", ".join(map(str, write_curves(args, curves))))
+        return
     results, curves = {}, {}
     for method, seed, learner in jobs(args):
         result, curves[method, seed] = run_seed(args, method, seed, learner)
