@@ -153,7 +153,8 @@ def run_seed(args, method, seed, learner=None):
     result = q.evaluate(make_env(args), learner, args.eval_episodes, EVAL_SEED)
     recent = float(np.mean(monitor.recent)) if monitor.recent else float("nan")
     return {**result, "train_seconds": train_seconds, "env_steps": learner.t_env,
-            "train_episodes": learner.episode, "train_success_last_100": recent}, monitor.curve
+            "train_episodes": learner.episode, "train_success_last_100": recent,
+            "agent_hidden_dims": learner.config.agent_hidden_dims}, monitor.curve
 
 
 def write_curves(args, curves):
@@ -207,10 +208,11 @@ def json_number(value):
 
 
 def print_summary(args, results, written):
+    hidden = dict.fromkeys("-".join(map(str, r["agent_hidden_dims"])) for runs in results.values() for r in runs)
     print(f"\nMeeting Gridworld {args.grid_size}x{args.grid_size}, {args.n_agents} agents, "
           f"{args.max_steps}-step limit, observations: own position and goal"
           f"{' and the other agents' if args.observe_others else ''}, agent MLP hidden "
-          f"{'-'.join(map(str, args.agent_hidden_dims))}. {args.t_max:,} training env steps "
+          f"{' / '.join(hidden)}. {args.t_max:,} training env steps "
           f"per seed, {max(len(r) for r in results.values())} seeds; greedy evaluation on "
           f"{args.eval_episodes} fresh episodes per seed.")
     print(f"\n{'method':<8}{'success %':>18}{'return':>16}{'length':>16}{'length/shortest':>20}"
