@@ -256,6 +256,8 @@ def read_curves(paths):
                     curves.setdefault((methods[row["method"]], int(row["seed"])), []).append(point)
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{path} is not a curve CSV written by this script ({err!r})") from None
+    if not curves:
+        raise ValueError(f"no curve points in {', '.join(map(str, paths))}")
     return curves
 
 
