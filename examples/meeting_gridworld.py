@@ -247,15 +247,20 @@ def jobs(args):
 def read_curves(paths):
     """The learning curves in CSVs written by write_curves: {(method, seed): [points]}."""
     methods = {name: method for method, name in NAMES.items()}
-    curves = {}
-    for path in paths:
+    curves, source = {}, {}  # source: (method, seed) -> index of the file its curve came from
+    for i, path in enumerate(paths):
         with open(path, newline="") as f:
             try:
-                for row in csv.DictReader(f):
-                    point = (int(row["env_steps"]), float(row["greedy_success"]), float(row["greedy_mean_return"]))
-                    curves.setdefault((methods[row["method"]], int(row["seed"])), []).append(point)
+                rows = [((methods[r["method"]], int(r["seed"])),
+                         (int(r["env_steps"]), float(r["greedy_success"]), float(r["greedy_mean_return"])))
+                        for r in csv.DictReader(f)]
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{path} is not a curve CSV written by this script ({err!r})") from None
+        for run, point in rows:
+            if source.setdefault(run, i) != i:
+                raise ValueError(f"{NAMES[run[0]]} seed {run[1]} is in both {paths[source[run]]} and "
+                                 f"{path}: give each run's curve once")
+            curves.setdefault(run, []).append(point)
     if not curves:
         raise ValueError(f"no curve points in {', '.join(map(str, paths))}")
     return curves
