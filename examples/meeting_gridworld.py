@@ -59,6 +59,8 @@ def parse_args():
     parser.add_argument("--max-steps", type=int, default=50, help="time limit per episode")
     parser.add_argument("--agent-hidden-dims", type=int, nargs="+", default=[64, 64], metavar="H",
                         help="hidden layer widths of the agent MLP (one ReLU layer per width)")
+    parser.add_argument("--adam-eps", type=float, default=q.Config.adam_eps,
+                        help="Adam's denominator guard (pymarl's RMSprop uses 1e-5)")
     parser.add_argument("--observe-others", action="store_true",
                         help="each agent also observes the other agents' positions")
     parser.add_argument("--eval-episodes", type=int, default=1000)
@@ -83,6 +85,8 @@ def parse_args():
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.agent_hidden_dims) < 1:
         parser.error("--agent-hidden-dims must all be at least 1")
+    if not 0 < args.adam_eps < float("inf"):
+        parser.error("--adam-eps must be a finite number > 0")
     try:
         make_env(args)
     except ValueError as err:
@@ -104,7 +108,7 @@ def make_config(args, mixer, seed):
     anneal = args.epsilon_anneal_time or max(1, args.t_max * 2 // 5)
     return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
                     epsilon_finish=args.epsilon_finish, agent_hidden_dims=tuple(args.agent_hidden_dims),
-                    gamma=0.95, buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
+                    adam_eps=args.adam_eps, gamma=0.95, buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
 
 
 class Monitor:
