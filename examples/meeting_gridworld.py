@@ -11,8 +11,7 @@ happens to be installed). Curve evaluations are not counted in the training seco
 
     python examples/meeting_gridworld.py                      # 5x5, 2 agents, 5 seeds, 3 methods
     python examples/meeting_gridworld.py --methods qmix --seeds 1 --t-max 20000
-    python examples/meeting_gridworld.py --methods qmix --grid-size 7 --n-agents 3 --t-max 3000000 \
-        --epsilon-anneal-time 1500000 --buffer-size 200000 --adam-eps 1e-5  # 7x7: see the README
+    python examples/meeting_gridworld.py --methods qmix --grid-size 7 --n-agents 3 --t-max 3000000 --epsilon-anneal-time 1500000 --buffer-size 200000 --adam-eps 1e-5
     python examples/meeting_gridworld.py --json               # summary as one JSON object
     python examples/meeting_gridworld.py --methods qmix --seeds 1 --t-max 40000 --save runs
     python examples/meeting_gridworld.py --load runs/qmix-seed0.npz --t-max 80000  # resume to 80k
