@@ -108,7 +108,8 @@ def make_config(args, mixer, seed):
     anneal = args.epsilon_anneal_time or max(1, args.t_max * 2 // 5)
     return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
                     epsilon_finish=args.epsilon_finish, agent_hidden_dims=tuple(args.agent_hidden_dims),
-                    adam_eps=args.adam_eps, gamma=0.95, buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
+                    adam_eps=args.adam_eps, gamma=0.95, buffer_size=args.buffer_size,
+                    target_update_interval=20, hypernet_layers=1)
 
 
 class Monitor:
