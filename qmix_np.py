@@ -29,6 +29,7 @@ S state, E mixing_embed_dim, H hypernet_embed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -256,6 +257,14 @@ def init_agent_params(rng, input_dim, hidden_dims, n_actions, n_agents=None, dty
     return params
 
 
+@functools.cache
+def agent_ids(n_agents, dtype):
+    """The one-hot ids of N agents, row i = e_i: (N, N), made once per (N, dtype), read-only."""
+    ids = np.eye(n_agents, dtype=dtype)
+    ids.flags.writeable = False
+    return ids
+
+
 def build_agent_inputs(obs, obs_agent_id, dtype):
     """Append each agent's one-hot id to its observation: (..., N, O) -> (..., N, O + N)."""
     obs = np.asarray(obs, dtype=dtype)
@@ -264,7 +273,7 @@ def build_agent_inputs(obs, obs_agent_id, dtype):
     *lead, n_agents, obs_dim = obs.shape
     inputs = np.empty((*lead, n_agents, obs_dim + n_agents), dtype)
     inputs[..., :obs_dim] = obs
-    inputs[..., obs_dim:] = np.eye(n_agents, dtype=dtype)  # broadcast over the leading axes
+    inputs[..., obs_dim:] = agent_ids(n_agents, np.dtype(dtype))  # broadcast over the leading axes
     return inputs
 
 

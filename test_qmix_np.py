@@ -137,6 +137,18 @@ def test_per_agent_networks_are_independent():
     assert not np.allclose(before[:, 1], after[:, 1])
 
 
+def test_agent_inputs_append_one_hot_ids_from_a_cache_no_caller_can_change():
+    obs = np.arange(12.0).reshape(2, 3, 2)  # (B 2, N 3, O 2)
+    inputs = q.build_agent_inputs(obs, True, np.float32)
+    assert inputs.shape == (2, 3, 5) and inputs.dtype == np.float32
+    np.testing.assert_array_equal(inputs[..., :2], obs)
+    np.testing.assert_array_equal(inputs[1, :, 2:], np.eye(3))
+    inputs[..., 2:] = 7.0  # the caller's copy: the cached ids stay one-hot
+    np.testing.assert_array_equal(q.build_agent_inputs(obs, True, np.float32)[0, :, 2:], np.eye(3))
+    with pytest.raises(ValueError, match="read-only"):
+        q.agent_ids(3, np.dtype(np.float32))[0, 0] = 7.0
+
+
 def mixer_case(hypernet_layers, seed=5, batch=5, n_agents=3, state_dim=4):
     rng = np.random.default_rng(seed)
     params = q.init_qmix_mixer(rng, n_agents, state_dim, mixing_embed_dim=6,
