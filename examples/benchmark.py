@@ -8,16 +8,22 @@ train step in the same run, if PyTorch is installed (it is never a dependency).
 BLAS runs with one thread unless --threads says otherwise: at these sizes two threads were
 slower here. The thread count is set before NumPy is imported.
 
+Each train-step row also gives the minor page faults per step (Unix): memory the process had to
+map afresh. glibc's malloc may hand a step's temporaries back to the OS and fault them in again
+on the next step; where this column is not 0, the README's allocator settings remove that cost.
+
     python examples/benchmark.py                  # table
     python examples/benchmark.py --json           # one JSON object
     python examples/benchmark.py --torch --reps 500
     python examples/benchmark.py --sizes 2,6,5,4,32 4,10,6,20,64 --dtype float64
+    MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728 python examples/benchmark.py
 """
 import argparse
 import os
 import sys
 
 SIZES = ["2,6,5,4,32", "2,6,5,4,256", "8,30,10,60,32", "8,30,10,60,256"]  # N, O, A, S, B
+BUFFER_FILL = 2000  # transitions in the buffer the timed train steps sample from
 
 
 def parse_args():
@@ -53,6 +59,11 @@ import pathlib  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
+try:
+    import resource  # noqa: E402  (Unix only)
+except ImportError:
+    resource = None
+
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -60,17 +71,26 @@ import envs  # noqa: E402
 import qmix_np as q  # noqa: E402
 
 
+def page_faults():
+    """Minor page faults of this process so far, or None where the OS does not count them."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else None
+
+
 def timings(fn, reps, warmup):
-    """Median, 10th and 90th percentile of fn()'s wall time, in microseconds."""
+    """Median, 10th and 90th percentile of fn()'s wall time, in microseconds, and the minor page
+    faults per call (memory the OS had to map afresh: see the README's note on malloc)."""
     for _ in range(warmup):
         fn()
     times = np.empty(reps)
+    faults_before = page_faults()
     for i in range(reps):
         start = time.perf_counter()
         fn()
         times[i] = time.perf_counter() - start
+    faults = None if faults_before is None else round((page_faults() - faults_before) / reps, 1)
     p10, median, p90 = np.percentile(times * 1e6, [10, 50, 90])
-    return {"median_us": round(median, 1), "p10_us": round(p10, 1), "p90_us": round(p90, 1)}
+    return {"median_us": round(median, 1), "p10_us": round(p10, 1), "p90_us": round(p90, 1),
+            "page_faults_per_call": faults}
 
 
 def bench_config(batch_size, dtype, seed=0):
@@ -81,22 +101,22 @@ def bench_config(batch_size, dtype, seed=0):
                     dtype=dtype, seed=seed)
 
 
-def random_transitions(rng, count, n, o, a, s):
-    """count random transitions, for the buffer the train step samples from."""
-    return {"obs": rng.normal(size=(count, n, o)), "state": rng.normal(size=(count, s)),
-            "actions": rng.integers(0, a, (count, n)), "avail_actions": np.ones((count, n, a), bool),
-            "reward": rng.normal(size=count), "terminated": rng.random(count) < 0.05,
-            "next_obs": rng.normal(size=(count, n, o)), "next_state": rng.normal(size=(count, s)),
-            "next_avail_actions": np.ones((count, n, a), bool)}
+def random_transition(rng, n, o, a, s):
+    """One random transition, drawn alone as an env would give it (no large temporaries, which
+    would change how the process's malloc behaves later: see the README)."""
+    return {"obs": rng.normal(size=(n, o)), "state": rng.normal(size=s), "actions": rng.integers(0, a, n),
+            "avail_actions": np.ones((n, a), bool), "reward": rng.normal(), "terminated": rng.random() < 0.05,
+            "next_obs": rng.normal(size=(n, o)), "next_state": rng.normal(size=s),
+            "next_avail_actions": np.ones((n, a), bool)}
 
 
 def numpy_train_step(size, dtype):
     n, o, a, s, b = size
     learner = q.Learner(bench_config(b, dtype), {"n_agents": n, "obs_shape": o, "state_shape": s,
                                                  "n_actions": a, "episode_limit": 100})
-    data = random_transitions(np.random.default_rng(1), 2000, n, o, a, s)
-    for i in range(2000):
-        learner.buffer.add(**{k: v[i] for k, v in data.items()})
+    rng = np.random.default_rng(1)
+    for _ in range(BUFFER_FILL):
+        learner.buffer.add(**random_transition(rng, n, o, a, s))
     return learner.train_step
 
 
@@ -135,12 +155,19 @@ def torch_train_step(size, dtype, threads):
     target_mixer.load_state_dict(mixer.state_dict())
     params = list(agent.parameters()) + list(mixer.parameters())
     optimiser = torch.optim.Adam(params, lr=5e-4)
-    data = random_transitions(np.random.default_rng(1), 2000, n, o, a, s)
-    buffer = {k: torch.as_tensor(v, dtype=tdtype if v.dtype.kind == "f" else None) for k, v in data.items()}
+    gen = torch.Generator().manual_seed(1)
+    buffer = {"obs": torch.randn(BUFFER_FILL, n, o, generator=gen, dtype=tdtype),
+              "state": torch.randn(BUFFER_FILL, s, generator=gen, dtype=tdtype),
+              "actions": torch.randint(0, a, (BUFFER_FILL, n), generator=gen),
+              "reward": torch.randn(BUFFER_FILL, generator=gen, dtype=tdtype),
+              "terminated": torch.rand(BUFFER_FILL, generator=gen) < 0.05,
+              "next_obs": torch.randn(BUFFER_FILL, n, o, generator=gen, dtype=tdtype),
+              "next_state": torch.randn(BUFFER_FILL, s, generator=gen, dtype=tdtype),
+              "next_avail_actions": torch.ones(BUFFER_FILL, n, a, dtype=torch.bool)}
     ids = torch.eye(n, dtype=tdtype).expand(b, n, n)
 
     def step():
-        idx = torch.randint(0, 2000, (b,))
+        idx = torch.randint(0, BUFFER_FILL, (b,))
         batch = {k: v[idx] for k, v in buffer.items()}
         inputs = torch.cat([batch["obs"], ids], -1)
         next_inputs = torch.cat([batch["next_obs"], ids], -1)
@@ -228,11 +255,12 @@ def print_table(r):
     print(f"qmix-np benchmark: {r['machine']}, NumPy {r['numpy']}, BLAS threads {r['blas_threads']}, "
           f"dtype {r['dtype']}, {r['reps']} reps (median [p10, p90])")
     torch_column = "torch_version" in r
-    header = f"{'train step (N, O, A, S, B)':<30}{'numpy':>24}"
+    header = f"{'train step (N, O, A, S, B)':<30}{'numpy':>24}{'page faults':>13}"
     print(header + (f"{'torch ' + r['torch_version']:>28}{'ratio':>8}" if torch_column else ""))
     for row in r["train_step"]:
         size = tuple(row["size"].values())
-        line = f"{str(size):<30}{fmt(row):>24}"
+        faults = row["page_faults_per_call"]
+        line = f"{str(size):<30}{fmt(row):>24}{'n/a' if faults is None else faults:>13}"
         if torch_column:
             line += f"{fmt(row['torch']):>28}{row['ratio_numpy_over_torch']:>8.2f}"
         print(line)
