@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import hashlib
 import inspect
-import itertools
 import json
 import math
 import os
@@ -347,19 +346,27 @@ def linear_stack_forward(params, layers, x):
 
         [y_1, y_2, ...] = x [W_1; W_2; ...]^T + [b_1, b_2, ...]
     """
-    weight = np.concatenate([params[f"{name}.weight"] for name in layers])  # (sum of outs, I)
-    bias = np.concatenate([params[f"{name}.bias"] for name in layers])
-    out, cache = linear_forward(x, weight, bias)
-    bounds = list(itertools.accumulate((len(params[f"{name}.bias"]) for name in layers), initial=0))
-    return [out[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])], (layers, bounds, cache)
+    weights = [params[f"{name}.weight"] for name in layers]  # (out_k, I) each
+    biases = [params[f"{name}.bias"] for name in layers]  # (out_k,) each
+    out, cache = linear_forward(x, np.concatenate(weights), np.concatenate(biases))
+    outs, start = [], 0
+    for weight in weights:  # y_k: the next out_k columns
+        outs.append(out[..., start:start + len(weight)])
+        start += len(weight)
+    return outs, (layers, cache)
 
 
 def linear_stack_backward(douts, cache):
     """Gradients of every stacked layer's weight and bias; x is data, so no dL/dx."""
-    layers, bounds, linear_cache = cache
-    _, grads = linear_backward(np.concatenate(douts, axis=-1), linear_cache, input_grad=False)
-    return {key: value for name, a, b in zip(layers, bounds[:-1], bounds[1:])
-            for key, value in ((f"{name}.weight", grads["weight"][a:b]), (f"{name}.bias", grads["bias"][a:b]))}
+    layers, linear_cache = cache
+    _, stacked = linear_backward(np.concatenate(douts, axis=-1), linear_cache, input_grad=False)
+    grads, start = {}, 0
+    for name, dout in zip(layers, douts):  # layer k's rows of the stacked gradients
+        end = start + dout.shape[-1]
+        grads[f"{name}.weight"] = stacked["weight"][start:end]
+        grads[f"{name}.bias"] = stacked["bias"][start:end]
+        start = end
+    return grads
 
 
 def tail_forward(params, layers, z):
