@@ -304,13 +304,27 @@ def agent_forward(params, inputs):
 
 
 def agent_backward(dq, cache, input_grad=True):
-    """(dL/d inputs (B, N, I) or None if not input_grad, grads of every fcK)."""
+    """(dL/d inputs (B', N, I) or None if not input_grad, grads of every fcK).
+
+    dq (B', N, A) may cover only the first B' <= B inputs of the forward; the others then have
+    no gradient, and the backward skips their rows. (The learner's one forward covers o and o',
+    and only the Qs at o get a gradient.)
+    """
     shared, (batch, n_agents, in_dim), mlp_cache = cache
-    dq = dq.reshape(batch * n_agents, -1) if shared else dq.transpose(1, 0, 2)
+    rows = len(dq)
+    if rows < batch:
+        mlp_cache = leading_rows(mlp_cache, rows * n_agents if shared else rows)
+    dq = dq.reshape(rows * n_agents, -1) if shared else dq.transpose(1, 0, 2)
     dx, grads = mlp_backward(dq, mlp_cache, input_grad)
     if input_grad:
-        dx = dx.reshape(batch, n_agents, in_dim) if shared else dx.transpose(1, 0, 2)  # (B, N, I)
+        dx = dx.reshape(rows, n_agents, in_dim) if shared else dx.transpose(1, 0, 2)  # (B', N, I)
     return dx, grads
+
+
+def leading_rows(mlp_cache, rows):
+    """The cache of mlp_forward for its first `rows` rows (axis -2) alone: views, no copies."""
+    return [(name, None if relu_out is None else relu_out[..., :rows, :], (x[..., :rows, :], weight))
+            for name, relu_out, (x, weight) in mlp_cache]
 
 
 # ------------------------------------------------------------------------------------------
@@ -491,16 +505,23 @@ def take_actions(q, actions):
     return q[action_index(actions)]
 
 
-def td_targets(params, target_params, batch, config):
+def td_targets(params, target_params, batch, config, online_next_q=None):
     """y = r + gamma (1 - terminated) Q_tot^-(s', a'): a constant for the loss (stop-gradient).
 
     Double Q: a'_i = argmax over available actions of the ONLINE agent net at o'_i, valued by
     the TARGET agent net and mixed by the TARGET mixer at s'. Without it: the target net's max.
+    online_next_q (B, N, A): the online net's Qs at o' if already computed (loss_and_grads
+    computes them with those at o), else they are computed here.
     Returns (B,), or (B, N) for independent learners.
     """
     inputs = build_agent_inputs(batch["next_obs"], config.obs_agent_id, config.dtype)
     q_next, _ = agent_forward(target_params["agent"], inputs)  # (B, N, A)
-    chooser = agent_forward(params["agent"], inputs)[0] if config.double_q else q_next
+    if not config.double_q:
+        chooser = q_next
+    elif online_next_q is None:
+        chooser, _ = agent_forward(params["agent"], inputs)
+    else:
+        chooser = online_next_q
     best = masked_argmax(chooser, batch["next_avail_actions"])  # (B, N)
     mix_forward, _ = get_mixer(config.mixer)
     q_tot_next, _ = mix_forward(target_params["mixer"], take_actions(q_next, best), batch["next_state"])
@@ -521,14 +542,20 @@ def td_loss_backward(dloss, cache):
     return dloss * 2.0 * td_error / td_error.size, {}  # dL/dQ_tot = 2 (Q_tot - y) / n
 
 
-def loss_and_grads(params, batch, targets, config):
-    """Forward and backward of the TD loss through mixer and agent nets, targets held fixed.
+def loss_and_grads(params, target_params, batch, config):
+    """Forward and backward of the TD loss through mixer and agent nets; the targets y are constants.
 
+    As in pymarl, ONE forward of the online agent net covers o and o' (2B inputs). Its Qs at o'
+    only choose double Q's a' for td_targets, so the backward covers the B inputs of o alone.
     Returns (loss, grads keyed like params, diagnostics).
     """
     mix_forward, mix_backward = get_mixer(config.mixer)
-    inputs = build_agent_inputs(batch["obs"], config.obs_agent_id, config.dtype)
-    q, agent_cache = agent_forward(params["agent"], inputs)  # (B, N, A)
+    n_batch = len(batch["obs"])
+    inputs = build_agent_inputs(np.concatenate([batch["obs"], batch["next_obs"]]), config.obs_agent_id,
+                                config.dtype)  # (2B, N, I): o, then o'
+    q_both, agent_cache = agent_forward(params["agent"], inputs)  # (2B, N, A)
+    q = q_both[:n_batch]  # (B, N, A)
+    targets = td_targets(params, target_params, batch, config, online_next_q=q_both[n_batch:])
     taken = action_index(batch["actions"])  # q[taken] gathers the taken actions' Qs
     q_taken = q[taken]  # (B, N)
     q_tot, mix_cache = mix_forward(params["mixer"], q_taken, batch["state"])
@@ -865,8 +892,7 @@ class Learner:
         """One gradient step on a sampled batch. Returns its diagnostics."""
         c = self.config
         batch = self.buffer.sample(c.batch_size, self.rng)
-        targets = td_targets(self.params, self.target_params, batch, c)
-        loss, grads, diagnostics = loss_and_grads(self.params, batch, targets, c)
+        loss, grads, diagnostics = loss_and_grads(self.params, self.target_params, batch, c)
         grad = flat_grad(grads, self.params)
         if not (math.isfinite(loss) and np.isfinite(grad).all()):  # nothing is updated below
             if c.on_nonfinite == "raise":

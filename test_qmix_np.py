@@ -125,6 +125,22 @@ def test_agent_network_gradients(shared):
     check_gradients(f, {"inputs": inputs, **params}, {"inputs": dx, **grads}, f"agent[{shared}]")
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-agent"])
+def test_agent_backward_of_leading_inputs_equals_their_own_forward_and_backward(shared):
+    """The learner runs o and o' in one forward and backpropagates o's rows only: that must give
+    exactly what a forward and backward of o alone give."""
+    rng = np.random.default_rng(5)
+    params = q.init_agent_params(rng, 5, (8, 7), 4, None if shared else 3)
+    inputs = rng.normal(size=(6, 3, 5))  # 6 inputs, of which the first 4 get a gradient
+    upstream = rng.normal(size=(4, 3, 4))
+    dx, grads = q.agent_backward(upstream, q.agent_forward(params, inputs)[1])
+    dx_alone, grads_alone = q.agent_backward(upstream, q.agent_forward(params, inputs[:4])[1])
+    assert dx.shape == (4, 3, 5)
+    np.testing.assert_allclose(dx, dx_alone, rtol=1e-12, atol=0)
+    for name in params:
+        np.testing.assert_allclose(grads[name], grads_alone[name], rtol=1e-12, atol=0, err_msg=name)
+
+
 def test_per_agent_networks_are_independent():
     """Agent i's Qs depend only on agent i's slice of the stacked parameters."""
     rng = np.random.default_rng(4)
@@ -262,11 +278,12 @@ def test_td_loss_gradients_end_to_end(mixer, layers, shared):
     rng = np.random.default_rng(7)
     learner.target_theta += rng.normal(scale=0.1, size=learner.theta.shape)
     batch = random_batch(rng, 6, 3, 4, 5, 4)
+    _, grads, diagnostics = q.loss_and_grads(learner.params, learner.target_params, batch, learner.config)
     targets = q.td_targets(learner.params, learner.target_params, batch, learner.config)
-    _, grads, _ = q.loss_and_grads(learner.params, batch, targets, learner.config)
+    assert diagnostics["target_mean"] == pytest.approx(targets.mean(), rel=1e-12)
 
-    def f():
-        return q.loss_and_grads(learner.params, batch, targets, learner.config)[0]
+    def f():  # the targets move with params only through double Q's argmax: piecewise constant
+        return q.loss_and_grads(learner.params, learner.target_params, batch, learner.config)[0]
 
     for group in ("agent", "mixer"):
         check_gradients(f, learner.params[group], grads[group], f"td[{mixer},{layers},{shared}]/{group}")
