@@ -157,6 +157,14 @@ def ones(n, dtype):
     return vector
 
 
+@functools.lru_cache(maxsize=64)
+def zeros(shape, dtype):
+    """A read-only array of zeros, made once per (shape, dtype)."""
+    array = np.zeros(shape, dtype)
+    array.flags.writeable = False
+    return array
+
+
 def linear_backward(dout, cache, input_grad=True):
     """dL/dx = dL/dy W;  dL/dW = dL/dy^T x;  dL/db = 1^T dL/dy  (both sum over the M rows).
 
@@ -171,7 +179,7 @@ def linear_backward(dout, cache, input_grad=True):
 
 def relu_forward(x):
     """y = max(x, 0)."""
-    out = np.maximum(x, 0)
+    out = np.maximum(x, zeros(x.shape, x.dtype))  # NumPy's max(x, 0) with a scalar is not vectorised
     return out, out  # y > 0 exactly where x > 0: the mask is made only if backward runs
 
 
@@ -525,10 +533,10 @@ def td_targets(params, target_params, batch, config, online_next_q=None):
     best = masked_argmax(chooser, batch["next_avail_actions"])  # (B, N)
     mix_forward, _ = get_mixer(config.mixer)
     q_tot_next, _ = mix_forward(target_params["mixer"], take_actions(q_next, best), batch["next_state"])
-    not_done = 1 - batch["terminated"].astype(q_tot_next.dtype)  # stays in the training dtype
+    reward, terminated = batch["reward"], batch["terminated"]
     if q_tot_next.ndim == 2:  # independent learners: the team reward for every agent
-        return batch["reward"][:, None] + config.gamma * not_done[:, None] * q_tot_next
-    return batch["reward"] + config.gamma * not_done * q_tot_next
+        reward, terminated = reward[:, None], terminated[:, None]
+    return np.where(terminated, reward, reward + config.gamma * q_tot_next)  # y = r where terminated
 
 
 def td_loss_forward(q_tot, targets):
