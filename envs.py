@@ -5,10 +5,11 @@ these, and `qmix_np.train` drives anything that implements it:
 
     reset() -> (obs, state)           step(actions) -> (reward, terminated, info)
     get_obs() (N, O)                  get_state() (S,)
-    get_avail_actions() (N, A) of 0/1 get_env_info() -> state_shape, obs_shape, n_actions,
+    get_avail_actions() (N, A) 0/1    get_env_info() -> state_shape, obs_shape, n_actions,
                                                           n_agents, episode_limit
 info["episode_limit"] is True when the episode stopped at the time limit (not a terminal state).
-Our environments also take reset(seed=...), so an episode can be replayed exactly.
+Our environments give the availability mask as a bool array (pymarl's give lists of 0/1 ints;
+qmix_np takes either). They also take reset(seed=...), so an episode can be replayed exactly.
 
 - TwoStepGame: the coordination game of the QMIX paper (Rashid et al. 2018, section 6.1).
 - MeetingGridworld: agents on a grid must all stand on one goal cell at the same time.
@@ -59,7 +60,7 @@ class MultiAgentEnv:
 
     def _check_actions(self, actions):
         """The actions (N,) as integers, each in range and available, or a ValueError."""
-        return check_actions("actions", actions, self.get_avail_actions().astype(bool))
+        return check_actions("actions", actions, self.get_avail_actions().astype(bool, copy=False))
 
 
 class TwoStepGame(MultiAgentEnv):
@@ -110,7 +111,7 @@ class TwoStepGame(MultiAgentEnv):
         return np.tile(self.get_state(), (self.n_agents, 1))  # (2, 3)
 
     def get_avail_actions(self):
-        return np.ones((self.n_agents, self.n_actions), dtype=np.int64)
+        return np.ones((self.n_agents, self.n_actions), dtype=bool)
 
     def situation(self, name):
         """(obs, state) of state `name` ("1", "2A" or "2B"), e.g. to print a Q_tot table."""
@@ -165,9 +166,10 @@ class MeetingGridworld(MultiAgentEnv):
         if self.done:
             raise RuntimeError("the episode is over: call reset() first")
         actions = self._check_actions(actions)
-        self.positions = np.clip(self.positions + self.MOVES[actions], 0, self.grid_size - 1)
+        moved = self.positions + self.MOVES[actions]
+        self.positions = np.minimum(np.maximum(moved, 0), self.grid_size - 1)  # clipped at the walls
         self.steps += 1
-        if np.all(self.positions == self.goal):
+        if (self.positions == self.goal).all():
             self.done = True
             return 10.0, True, {"episode_limit": False}
         self.done = self.steps >= self.episode_limit
@@ -180,7 +182,7 @@ class MeetingGridworld(MultiAgentEnv):
 
     def get_obs(self):
         n = self.n_agents
-        own_and_goal = np.concatenate([self.positions, np.tile(self.goal, (n, 1))], axis=1)  # (N, 4)
+        own_and_goal = np.concatenate([self.positions, self.goal[None].repeat(n, axis=0)], axis=1)  # (N, 4)
         if self.observe_others:
             others = self.positions[self.others].reshape(n, -1)  # (N, 2 (N - 1))
             own_and_goal = np.concatenate([own_and_goal, others], axis=1)
@@ -190,4 +192,4 @@ class MeetingGridworld(MultiAgentEnv):
         return np.concatenate([self.positions.ravel(), self.goal]) / self.grid_size
 
     def get_avail_actions(self):
-        return np.ones((self.n_agents, self.n_actions), dtype=np.int64)
+        return np.ones((self.n_agents, self.n_actions), dtype=bool)
