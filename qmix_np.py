@@ -310,10 +310,9 @@ def agent_backward(dq, cache, input_grad=True):
     no gradient, and the backward skips their rows. (The learner's one forward covers o and o',
     and only the Qs at o get a gradient.)
     """
-    shared, (batch, n_agents, in_dim), mlp_cache = cache
+    shared, (_, n_agents, in_dim), mlp_cache = cache
     rows = len(dq)
-    if rows < batch:
-        mlp_cache = leading_rows(mlp_cache, rows * n_agents if shared else rows)
+    mlp_cache = leading_rows(mlp_cache, rows * n_agents if shared else rows)  # all of them if B' = B
     dq = dq.reshape(rows * n_agents, -1) if shared else dq.transpose(1, 0, 2)
     dx, grads = mlp_backward(dq, mlp_cache, input_grad)
     if input_grad:
