@@ -504,21 +504,23 @@ def take_actions(q, actions):
     return q[action_index(actions)]
 
 
-def td_targets(params, target_params, batch, config, online_next_q=None):
+def td_targets(params, target_params, batch, config, next_inputs=None, online_next_q=None):
     """y = r + gamma (1 - terminated) Q_tot^-(s', a'): a constant for the loss (stop-gradient).
 
     Double Q: a'_i = argmax over available actions of the ONLINE agent net at o'_i, valued by
     the TARGET agent net and mixed by the TARGET mixer at s'. Without it: the target net's max.
-    online_next_q (B, N, A): the online net's Qs at o' if already computed (loss_and_grads
-    computes them with those at o), else they are computed here.
+    next_inputs (B, N, I), the agent inputs at o', and online_next_q (B, N, A), the online net's
+    Qs at o': pass them if already computed (loss_and_grads computes both with those at o);
+    otherwise they are computed here.
     Returns (B,), or (B, N) for independent learners.
     """
-    inputs = build_agent_inputs(batch["next_obs"], config.obs_agent_id, config.dtype)
-    q_next, _ = agent_forward(target_params["agent"], inputs)  # (B, N, A)
+    if next_inputs is None:
+        next_inputs = build_agent_inputs(batch["next_obs"], config.obs_agent_id, config.dtype)
+    q_next, _ = agent_forward(target_params["agent"], next_inputs)  # (B, N, A)
     if not config.double_q:
         chooser = q_next
     elif online_next_q is None:
-        chooser, _ = agent_forward(params["agent"], inputs)
+        chooser, _ = agent_forward(params["agent"], next_inputs)
     else:
         chooser = online_next_q
     best = masked_argmax(chooser, batch["next_avail_actions"])  # (B, N)
@@ -554,7 +556,7 @@ def loss_and_grads(params, target_params, batch, config):
                                 config.dtype)  # (2B, N, I): o, then o'
     q_both, agent_cache = agent_forward(params["agent"], inputs)  # (2B, N, A)
     q = q_both[:n_batch]  # (B, N, A)
-    targets = td_targets(params, target_params, batch, config, online_next_q=q_both[n_batch:])
+    targets = td_targets(params, target_params, batch, config, inputs[n_batch:], q_both[n_batch:])
     taken = action_index(batch["actions"])  # q[taken] gathers the taken actions' Qs
     q_taken = q[taken]  # (B, N)
     q_tot, mix_cache = mix_forward(params["mixer"], q_taken, batch["state"])
