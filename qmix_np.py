@@ -149,12 +149,21 @@ def linear_forward(x, weight, bias):
     return out, (x, weight)
 
 
-@functools.lru_cache(maxsize=64)
+def made_once(make):
+    """Decorator: make(*args) runs once per distinct args; every call gets that one array,
+    read-only, so that no caller can change what the others see."""
+    @functools.lru_cache(maxsize=64)
+    def cached(*args):
+        array = make(*args)
+        array.flags.writeable = False
+        return array
+    return functools.update_wrapper(cached, make)
+
+
+@made_once
 def zeros(shape, dtype):
-    """A read-only array of zeros, made once per (shape, dtype)."""
-    array = np.zeros(shape, dtype)
-    array.flags.writeable = False
-    return array
+    """An array of zeros of this (shape, dtype)."""
+    return np.zeros(shape, dtype)
 
 
 def linear_backward(dout, cache, input_grad=True):
@@ -268,12 +277,10 @@ def init_agent_params(rng, input_dim, hidden_dims, n_actions, n_agents=None, dty
     return params
 
 
-@functools.cache
+@made_once
 def agent_ids(n_agents, dtype):
-    """The one-hot ids of N agents, row i = e_i: (N, N), made once per (N, dtype), read-only."""
-    ids = np.eye(n_agents, dtype=dtype)
-    ids.flags.writeable = False
-    return ids
+    """The one-hot ids of N agents, row i = e_i: (N, N)."""
+    return np.eye(n_agents, dtype=dtype)
 
 
 def build_agent_inputs(obs, obs_agent_id, dtype):
