@@ -985,3 +985,24 @@ def test_bad_input_is_refused_clearly_and_nothing_stored_changes(name, call, err
     assert json.dumps(learner.rng.bit_generator.state) == rng_state
     np.testing.assert_array_equal(env.positions, positions)
     assert env.steps == steps
+
+
+# ------------------------------------------------------------------------------------------
+# The benchmark script (timings are not asserted: this is a shared machine)
+# ------------------------------------------------------------------------------------------
+
+
+def test_benchmark_runs_and_reports_every_part_as_json():
+    command = [sys.executable, "examples/benchmark.py", "--json", "--reps", "3", "--warmup", "1",
+               "--sizes", "2,3,2,2,4", "3,2,4,5,6", "--e2e-steps", "100"]
+    result = json.loads(subprocess.run(command, check=True, cwd=HERE, capture_output=True, text=True).stdout)
+    assert result["blas_threads"].startswith("1 ") and result["dtype"] == "float32"
+    assert [row["size"] for row in result["train_step"]] == [dict(N=2, O=3, A=2, S=2, B=4),
+                                                            dict(N=3, O=2, A=4, S=5, B=6)]
+    timed = [*result["train_step"], result["greedy_actions_2_agents"], result["epsilon_greedy_actions_2_agents"]]
+    assert all(0 < t["p10_us"] <= t["median_us"] <= t["p90_us"] for t in timed)
+    training = result["training"]
+    assert result["gridworld_random_steps_per_s"] > 0 and training["env_steps_per_s"] > 0
+    assert 0 < training["train_step_median_us"] and 0 < training["rest_per_env_step_us"]
+    per_env_step_us = training["train_step_mean_us"] + training["rest_per_env_step_us"]
+    assert per_env_step_us == pytest.approx(1e6 / training["env_steps_per_s"], rel=0.01)

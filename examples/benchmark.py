@@ -204,15 +204,31 @@ def gridworld_steps_per_second(reps):
     return reps / (time.perf_counter() - start)
 
 
-def training_steps_per_second(steps, dtype):
+def training_throughput(steps, dtype):
     """Env steps per second of train() on Meeting Gridworld, one train step per env step,
-    exploration and buffer writes included (timed after the buffer first holds a batch)."""
+    exploration and buffer writes included (timed after the buffer first holds a batch), and
+    how each env step's time splits: the train step (each one timed as the loop runs it) and
+    the rest of the loop (action selection, the env, checks, the buffer write)."""
     config = bench_config(32, dtype)
     env = envs.MeetingGridworld()
     learner = q.train(env, dataclasses.replace(config, t_max=200))
+    train_times, train_step = [], learner.train_step
+
+    def timed_train_step():
+        start = time.perf_counter()
+        result = train_step()
+        train_times.append(time.perf_counter() - start)
+        return result
+
+    learner.train_step = timed_train_step  # this learner only; the train() loop calls it as usual
     start_steps, start = learner.t_env, time.perf_counter()
     q.train(env, dataclasses.replace(config, t_max=200 + steps), learner=learner)
-    return (learner.t_env - start_steps) / (time.perf_counter() - start)
+    elapsed, env_steps = time.perf_counter() - start, learner.t_env - start_steps
+    train_us = np.array(train_times) * 1e6
+    return {"env_steps_per_s": round(env_steps / elapsed),
+            "train_step_mean_us": round(float(train_us.mean()), 1),
+            "train_step_median_us": round(float(np.median(train_us)), 1),
+            "rest_per_env_step_us": round((elapsed * 1e6 - train_us.sum()) / env_steps, 1)}
 
 
 def blas_threads():
@@ -244,7 +260,7 @@ def main():
     result["greedy_actions_2_agents"] = timings(action_selection(ARGS.dtype, 0.0), ARGS.reps, ARGS.warmup)
     result["epsilon_greedy_actions_2_agents"] = timings(action_selection(ARGS.dtype, 0.5), ARGS.reps, ARGS.warmup)
     result["gridworld_random_steps_per_s"] = round(gridworld_steps_per_second(20000))
-    result["training_env_steps_per_s"] = round(training_steps_per_second(ARGS.e2e_steps, ARGS.dtype))
+    result["training"] = training_throughput(ARGS.e2e_steps, ARGS.dtype)
     if ARGS.json:
         print(json.dumps(result))
     else:
@@ -267,8 +283,11 @@ def print_table(r):
     print(f"{'greedy actions, 2 agents':<30}{fmt(r['greedy_actions_2_agents']):>24}")
     print(f"{'eps-greedy actions, 2 agents':<30}{fmt(r['epsilon_greedy_actions_2_agents']):>24}")
     print(f"{'gridworld random steps/s':<30}{r['gridworld_random_steps_per_s']:>24,}")
-    print(f"{'training env steps/s':<30}{r['training_env_steps_per_s']:>24,}   "
+    t = r["training"]
+    print(f"{'training env steps/s':<30}{t['env_steps_per_s']:>24,}   "
           "(Meeting Gridworld, one train step per env step)")
+    print(f"{'  per env step':<30}   train step {t['train_step_mean_us']:.0f} us mean "
+          f"({t['train_step_median_us']:.0f} median), the rest of the loop {t['rest_per_env_step_us']:.0f} us")
 
 
 def fmt(t):
