@@ -165,7 +165,6 @@ def test_agent_inputs_append_one_hot_ids_from_a_cache_no_caller_can_change():
         q.agent_ids(3, np.dtype(np.float32))[0, 0] = 7.0
 
 
-
 def test_relu_zeros_are_made_once_read_only_and_never_handed_out():
     zeros = q.zeros((2, 3), np.dtype(np.float32))
     assert zeros is q.zeros((2, 3), np.dtype(np.float32)) and not zeros.any()
@@ -174,6 +173,7 @@ def test_relu_zeros_are_made_once_read_only_and_never_handed_out():
     out, _ = q.relu_forward(np.full((2, 3), -1.0, np.float32))
     out[...] = 5.0  # ReLU's output is the caller's own array, not the cached zeros
     assert not zeros.any()
+
 
 def mixer_case(hypernet_layers, seed=5, batch=5, n_agents=3, state_dim=4):
     rng = np.random.default_rng(seed)
