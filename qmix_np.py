@@ -149,6 +149,18 @@ def linear_forward(x, weight, bias):
     return out, (x, weight)
 
 
+def linear_backward(dout, cache, input_grad=True):
+    """dL/dx = dL/dy W;  dL/dW = dL/dy^T x (summed over the M rows);  dL/db = sum_M dL/dy.
+
+    input_grad=False skips dL/dx (returns None) where the input is data, not a parameter's output.
+    """
+    x, weight = cache
+    dx = dout @ weight if input_grad else None
+    dweight = dout.swapaxes(-1, -2) @ x
+    dbias = dout.sum(axis=-2)
+    return dx, {"weight": dweight, "bias": dbias}
+
+
 def made_once(make):
     """Decorator: make(*args) runs once per distinct args; every call gets that one array,
     read-only, so that no caller can change what the others see."""
@@ -164,18 +176,6 @@ def made_once(make):
 def zeros(shape, dtype):
     """An array of zeros of this (shape, dtype)."""
     return np.zeros(shape, dtype)
-
-
-def linear_backward(dout, cache, input_grad=True):
-    """dL/dx = dL/dy W;  dL/dW = dL/dy^T x (summed over the M rows);  dL/db = sum_M dL/dy.
-
-    input_grad=False skips dL/dx (returns None) where the input is data, not a parameter's output.
-    """
-    x, weight = cache
-    dx = dout @ weight if input_grad else None
-    dweight = dout.swapaxes(-1, -2) @ x
-    dbias = dout.sum(axis=-2)
-    return dx, {"weight": dweight, "bias": dbias}
 
 
 def relu_forward(x):
