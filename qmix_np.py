@@ -76,7 +76,7 @@ class Config:
     t_max: int = 50000  # env steps of training (rounded up to whole episodes)
     seed: int = 0  # seeds the one Generator behind everything random
     dtype: str = "float32"  # training dtype, "float32" or "float64" (README: measured choice)
-    on_nonfinite: str = "raise"  # a NaN/inf loss or gradient: "raise" FloatingPointError, or "skip" the step
+    on_nonfinite: str = "raise"  # a NaN/inf loss or gradient norm: "raise" FloatingPointError, or "skip" the step
 
     def __post_init__(self):
         self.agent_hidden_dims = _as_tuple("agent_hidden_dims", self.agent_hidden_dims)
@@ -867,7 +867,7 @@ class Learner:
         self.episode = 0  # training episodes finished
         self.train_steps = 0  # gradient steps taken
         self.last_target_update_episode = 0
-        self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient
+        self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient norm
         self.last_diagnostics = None  # what the latest train_step returned
 
     def epsilon(self):
@@ -901,16 +901,16 @@ class Learner:
         c = self.config
         batch = self.buffer.sample(c.batch_size, self.rng)
         loss, grads, diagnostics = loss_and_grads(self.params, self.target_params, batch, c)
-        grad = flat_grad(grads, self.params)
-        if not (math.isfinite(loss) and np.isfinite(grad).all()):  # nothing is updated below
+        grad = flat_grad(grads, self.params)  # a fresh vector: clipping it changes nothing stored
+        grad_norm = clip_grad_norm(grad, c.grad_norm_clip)  # NaN/inf if an element is, or if g.g overflows
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # nothing is updated below
             if c.on_nonfinite == "raise":
                 raise FloatingPointError(
-                    f"train step {self.train_steps + 1}: the loss ({loss}) or the gradient is not "
-                    "finite; parameters and optimiser state are unchanged (Config.on_nonfinite='skip' "
-                    "skips such steps instead)")
+                    f"train step {self.train_steps + 1}: the loss ({loss}) or the gradient's norm "
+                    f"({grad_norm}) is not finite; parameters and optimiser state are unchanged "
+                    "(Config.on_nonfinite='skip' skips such steps instead)")
             self.skipped_steps += 1
-            return {"loss": loss, "grad_norm": float("nan"), "skipped": True, **diagnostics}
-        grad_norm = clip_grad_norm(grad, c.grad_norm_clip)
+            return {"loss": loss, "grad_norm": grad_norm, "skipped": True, **diagnostics}
         self.optimiser.step(self.theta, grad)
         self.train_steps += 1
         return {"loss": loss, "grad_norm": grad_norm, "skipped": False, **diagnostics}

@@ -896,14 +896,18 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
-def test_a_non_finite_step_raises_and_changes_nothing():
+@pytest.mark.parametrize("q_bias,what", [
+    (1e30, "loss \\(inf\\)"),  # Q ~ 1e30: the squared TD error overflows float32
+    (3e9, "norm \\(inf\\)"),  # loss ~ 1e19 and every gradient element finite, but not their sum of squares
+])
+def test_a_non_finite_step_raises_and_changes_nothing(q_bias, what):
     learner = small_learner("qmix", dtype="float32")
     rng = np.random.default_rng(15)
     for _ in range(40):
         learner.buffer.add(**transition(rng, learner))
-    learner.params["agent"]["fc3.bias"][:] = 1e30  # Q ~ 1e30: its square overflows float32
+    learner.params["agent"]["fc3.bias"][:] = q_bias
     theta, m, v = learner.theta.copy(), learner.optimiser.m.copy(), learner.optimiser.v.copy()
-    with pytest.raises(FloatingPointError, match="not finite"):
+    with pytest.raises(FloatingPointError, match=f"{what}.* is not finite"):
         learner.train_step()
     np.testing.assert_array_equal(learner.theta, theta)
     np.testing.assert_array_equal(learner.optimiser.m, m)
