@@ -173,6 +173,12 @@ def made_once(make):
 
 
 @made_once
+def indices(n):
+    """0, 1, ..., n - 1: (n,)."""
+    return np.arange(n)
+
+
+@made_once
 def zeros(shape, dtype):
     """An array of zeros of this (shape, dtype)."""
     return np.zeros(shape, dtype)
@@ -503,7 +509,7 @@ def masked_argmax(q, avail):
 def action_index(actions):
     """Index of q[b, i, actions[b, i]] for every b, i: actions (B, N) -> a fancy index."""
     batch, n_agents = actions.shape
-    return np.arange(batch)[:, None], np.arange(n_agents), actions
+    return indices(batch)[:, None], indices(n_agents), actions
 
 
 def take_actions(q, actions):
@@ -713,7 +719,7 @@ def check_actions(name, actions, avail):
         bad = np.flatnonzero((actions < 0) | (actions >= n_actions))
         raise ValueError(f"{name} must lie in [0, {n_actions}), agent(s) {bad.tolist()} "
                          f"chose {actions[bad].tolist()}")
-    if not avail[np.arange(n_agents), actions].all():
+    if not avail[indices(n_agents), actions].all():
         unavailable = np.flatnonzero(~avail[np.arange(n_agents), actions])
         raise ValueError(f"{name}: agent(s) {unavailable.tolist()} chose unavailable action(s) "
                          f"{actions[unavailable].tolist()}")
