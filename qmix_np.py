@@ -719,8 +719,9 @@ def check_actions(name, actions, avail):
         bad = np.flatnonzero((actions < 0) | (actions >= n_actions))
         raise ValueError(f"{name} must lie in [0, {n_actions}), agent(s) {bad.tolist()} "
                          f"chose {actions[bad].tolist()}")
-    if not avail[indices(n_agents), actions].all():
-        unavailable = np.flatnonzero(~avail[np.arange(n_agents), actions])
+    chosen_available = avail[indices(n_agents), actions]  # (N,)
+    if not chosen_available.all():
+        unavailable = np.flatnonzero(~chosen_available)
         raise ValueError(f"{name}: agent(s) {unavailable.tolist()} chose unavailable action(s) "
                          f"{actions[unavailable].tolist()}")
     return actions
