@@ -5,6 +5,7 @@ upstream gradient (all-ones would hide transpose bugs), relative error ||a - n||
 per tensor, tolerance 1e-7. A correct check lands near 1e-10; a bug lands near 1. The largest
 error of the run is printed at the end of the session.
 """
+import copy
 import math
 
 import numpy as np
@@ -896,16 +897,19 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
-@pytest.mark.parametrize("q_bias,what", [
-    (1e30, "loss \\(inf\\)"),  # Q ~ 1e30: the squared TD error overflows float32
-    (3e9, "norm \\(inf\\)"),  # loss ~ 1e19 and every gradient element finite, but not their sum of squares
+@pytest.mark.parametrize("q_bias,what,finite_elements", [
+    (1e30, "loss \\(inf\\)", False),  # Q ~ 1e30: the squared TD error overflows float32
+    (3e9, "norm \\(inf\\)", True),  # loss ~ 1e19, every gradient element finite, their sum of squares not
 ])
-def test_a_non_finite_step_raises_and_changes_nothing(q_bias, what):
+def test_a_non_finite_step_raises_and_changes_nothing(q_bias, what, finite_elements):
     learner = small_learner("qmix", dtype="float32")
     rng = np.random.default_rng(15)
     for _ in range(40):
         learner.buffer.add(**transition(rng, learner))
     learner.params["agent"]["fc3.bias"][:] = q_bias
+    batch = learner.buffer.sample(learner.config.batch_size, copy.deepcopy(learner.rng))  # train_step's batch
+    loss, grads, _ = q.loss_and_grads(learner.params, learner.target_params, batch, learner.config)
+    assert np.isfinite(q.flat_grad(grads, learner.params)).all() == math.isfinite(loss) == finite_elements
     theta, m, v = learner.theta.copy(), learner.optimiser.m.copy(), learner.optimiser.v.copy()
     with pytest.raises(FloatingPointError, match=f"{what}.* is not finite"):
         learner.train_step()
