@@ -886,22 +886,30 @@ class Learner:
     def select_actions(self, obs, avail_actions, epsilon=0.0):
         """Epsilon-greedy actions (N,) for one env step; random ones are uniform over AVAILABLE actions.
 
-        obs (N, O), avail_actions (N, A). epsilon 0 is greedy and draws nothing from the Generator.
+        obs (N, O), avail_actions (N, A), epsilon in [0, 1]. epsilon 0 is greedy and draws nothing
+        from the Generator.
         """
+        if not _is_real(epsilon, 0.0, 1.0):
+            raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
         obs = _check_array("obs", obs, (self.n_agents, self.obs_dim), "float")
         avail = check_avail_actions("avail_actions", avail_actions, self.n_agents, self.n_actions)
         return self._select_actions(obs, avail, epsilon)
 
     def _select_actions(self, obs, avail, epsilon):
         """select_actions on inputs already checked: obs (N, O) finite, avail (N, A) bool."""
+        if epsilon == 0:
+            return self._greedy_actions(obs, avail)
+        explore = self.rng.random(self.n_agents) < epsilon  # (N,): these agents act at random
+        random_actions = masked_argmax(self.rng.random((self.n_agents, self.n_actions)), avail)
+        if explore.all():  # no agent needs the network: most steps while epsilon is near 1
+            return random_actions
+        return np.where(explore, random_actions, self._greedy_actions(obs, avail))
+
+    def _greedy_actions(self, obs, avail):
+        """Each agent's argmax over its available actions: obs (N, O), avail (N, A) -> (N,)."""
         inputs = build_agent_inputs(obs[None], self.config.obs_agent_id, self.dtype)  # (1, N, I)
         q, _ = agent_forward(self.params["agent"], inputs)
-        actions = masked_argmax(q[0], avail)  # (N,)
-        if epsilon > 0:
-            explore = self.rng.random(self.n_agents) < epsilon
-            random_actions = masked_argmax(self.rng.random((self.n_agents, self.n_actions)), avail)
-            actions = np.where(explore, random_actions, actions)
-        return actions
+        return masked_argmax(q[0], avail)
 
     def train_step(self):
         """One gradient step on a sampled batch. Returns its diagnostics."""

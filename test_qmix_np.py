@@ -504,6 +504,27 @@ def test_exploration_and_greedy_choose_only_available_actions():
         assert np.all(chosen[avail[agent] == 1] > 2000 / avail[agent].sum() * 0.8)  # ~uniform
 
 
+def test_epsilon_greedy_draws_per_agent_and_runs_the_network_only_for_greedy_agents(monkeypatch):
+    learner = small_learner("qmix")
+    rng = np.random.default_rng(17)
+    obs, avail = rng.normal(size=(3, 4)), rng.random((3, 4)) < 0.6
+    avail[:, 1] = True  # every agent has an available action
+    greedy = learner.select_actions(obs, avail, 0.0)
+    twin = copy.deepcopy(learner.rng)  # draws what select_actions should draw, in the same order
+    for _ in range(200):  # with 3 agents at epsilon 0.5, about 1 step in 8 has every agent exploring
+        explore = twin.random(3) < 0.5
+        random_actions = q.masked_argmax(twin.random((3, 4)), avail)
+        np.testing.assert_array_equal(learner.select_actions(obs, avail, 0.5),
+                                      np.where(explore, random_actions, greedy))
+
+    def no_network(*args):
+        raise AssertionError("the agent network ran although every agent explores")
+
+    monkeypatch.setattr(q, "agent_forward", no_network)
+    for _ in range(20):
+        assert avail[np.arange(3), learner.select_actions(obs, avail, 1.0)].all()
+
+
 def test_epsilon_anneals_linearly_in_env_steps():
     learner = small_learner("qmix", epsilon_start=1.0, epsilon_finish=0.1, epsilon_anneal_time=100)
     for t_env, expected in ((0, 1.0), (50, 0.55), (100, 0.1), (1000, 0.1)):
@@ -953,6 +974,8 @@ def bad_input_cases():
         ("select: avail shape", lambda l, e, g: l.select_actions(np.zeros((3, 4)), np.ones((3, 5))), ValueError, "avail_actions must have shape (3, 4)"),
         ("select: nan obs", lambda l, e, g: l.select_actions(nan_obs, np.ones((3, 4))), ValueError, "obs must be finite"),
         ("select: an agent with no action", lambda l, e, g: l.select_actions(np.zeros((3, 4)), np.eye(3, 4) * np.array([[1], [0], [1]])), ValueError, "agent(s) [1] have no available action"),
+        ("select: epsilon above 1", lambda l, e, g: l.select_actions(np.zeros((3, 4)), np.ones((3, 4)), 1.5), ValueError, "epsilon must be a number in [0, 1], got 1.5"),
+        ("select: nan epsilon", lambda l, e, g: l.select_actions(np.zeros((3, 4)), np.ones((3, 4)), float("nan")), ValueError, "epsilon must be a number in [0, 1], got nan"),
         ("config: unknown mixer", lambda l, e, g: q.Config(mixer="qtran"), ValueError, "Config.mixer"),
         ("config: negative lr", lambda l, e, g: q.Config(lr=-1.0), ValueError, "Config.lr"),
         ("config: float batch", lambda l, e, g: q.Config(batch_size=32.0), ValueError, "Config.batch_size"),
@@ -1012,5 +1035,6 @@ def test_benchmark_runs_and_reports_every_part_as_json():
     training = result["training"]
     assert result["gridworld_random_steps_per_s"] > 0 and training["env_steps_per_s"] > 0
     assert 0 < training["train_step_median_us"] and 0 < training["rest_per_env_step_us"]
+    assert 0 <= training["epsilon_to"] < training["epsilon_from"] <= 1
     per_env_step_us = training["train_step_mean_us"] + training["rest_per_env_step_us"]
     assert per_env_step_us == pytest.approx(1e6 / training["env_steps_per_s"], rel=0.01)

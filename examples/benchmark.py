@@ -208,7 +208,8 @@ def training_throughput(steps, dtype):
     """Env steps per second of train() on Meeting Gridworld, one train step per env step,
     exploration and buffer writes included (timed after the buffer first holds a batch), and
     how each env step's time splits: the train step (each one timed as the loop runs it) and
-    the rest of the loop (action selection, the env, checks, the buffer write)."""
+    the rest of the loop (action selection, the env, checks, the buffer write). Also epsilon at
+    the start and end of the timed run: while it is near 1, most steps need no Q-values."""
     config = bench_config(32, dtype)
     env = envs.MeetingGridworld()
     learner = q.train(env, dataclasses.replace(config, t_max=200))
@@ -221,14 +222,15 @@ def training_throughput(steps, dtype):
         return result
 
     learner.train_step = timed_train_step  # this learner only; the train() loop calls it as usual
-    start_steps, start = learner.t_env, time.perf_counter()
+    start_steps, epsilon_from, start = learner.t_env, learner.epsilon(), time.perf_counter()
     q.train(env, dataclasses.replace(config, t_max=200 + steps), learner=learner)
     elapsed, env_steps = time.perf_counter() - start, learner.t_env - start_steps
     train_us = np.array(train_times) * 1e6
     return {"env_steps_per_s": round(env_steps / elapsed),
             "train_step_mean_us": round(float(train_us.mean()), 1),
             "train_step_median_us": round(float(np.median(train_us)), 1),
-            "rest_per_env_step_us": round((elapsed * 1e6 - train_us.sum()) / env_steps, 1)}
+            "rest_per_env_step_us": round((elapsed * 1e6 - train_us.sum()) / env_steps, 1),
+            "epsilon_from": round(epsilon_from, 3), "epsilon_to": round(learner.epsilon(), 3)}
 
 
 def blas_threads():
@@ -287,7 +289,8 @@ def print_table(r):
     print(f"{'training env steps/s':<30}{t['env_steps_per_s']:>24,}   "
           "(Meeting Gridworld, one train step per env step)")
     print(f"{'  per env step':<30}   train step {t['train_step_mean_us']:.0f} us mean "
-          f"({t['train_step_median_us']:.0f} median), the rest of the loop {t['rest_per_env_step_us']:.0f} us")
+          f"({t['train_step_median_us']:.0f} median), the rest of the loop {t['rest_per_env_step_us']:.0f} us; "
+          f"epsilon {t['epsilon_from']:.2f} to {t['epsilon_to']:.2f}")
 
 
 def fmt(t):
