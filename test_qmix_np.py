@@ -1019,8 +1019,30 @@ def test_bad_input_is_refused_clearly_and_nothing_stored_changes(name, call, err
 
 
 # ------------------------------------------------------------------------------------------
-# The benchmark script (timings are not asserted: this is a shared machine)
+# The example scripts, at tiny budgets, and the benchmark (its timings are not asserted: this is
+# a shared machine)
 # ------------------------------------------------------------------------------------------
+
+
+def run_example(*args):
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
+
+
+def test_the_examples_run_to_their_last_line_at_tiny_budgets(tmp_path):
+    two_step = run_example("examples/vdn_vs_qmix.py", "--seeds", "1", "--episodes", "50")
+    assert two_step.returncode == 0, two_step.stderr
+    assert "QMIX: greedy return per seed" in two_step.stdout and "IQL: greedy return" in two_step.stdout
+
+    gridworld = run_example("examples/meeting_gridworld.py", "--seeds", "1", "--t-max", "300",
+                            "--eval-episodes", "10", "--curve-every", "150", "--curve-episodes", "5",
+                            "--out", str(tmp_path))
+    assert gridworld.returncode == 0, gridworld.stderr
+    assert "wrote" in gridworld.stdout and (tmp_path / "meeting_gridworld_5x5_2agents.csv").exists()
+
+    soak = run_example("examples/soak.py", "--t-max", "300", "--check-every", "150", "--eval-episodes", "10")
+    *_, bounds, success = ["", "", *soak.stdout.strip().splitlines()]  # its last two lines
+    assert success.startswith("greedy success after the soak"), soak.stderr
+    assert soak.returncode == (0 if "within 0.5 of the bounds" in bounds else 1)  # its verdict
 
 
 def test_benchmark_runs_and_reports_every_part_as_json():

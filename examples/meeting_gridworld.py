@@ -43,7 +43,8 @@ EVAL_SEED = 2**31  # final evaluation seeds start here; training seeds are drawn
 CURVE_SEED = 2**32  # learning-curve evaluation seeds
 
 
-def parse_args():
+def parse_args(argv=None):
+    """The command line (argv, default sys.argv[1:]) as checked settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(NAMES), choices=list(NAMES),
                         help="mixers to train (none = independent learners)")
@@ -75,7 +76,7 @@ def parse_args():
     parser.add_argument("--plot", nargs="+", metavar="CSV",
                         help="train nothing: merge the curve CSVs of earlier runs (e.g. seeds run as "
                              "separate processes) into one CSV and figure in --out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.t_max < 0 or (args.t_max == 0 and not args.load):
         parser.error("--t-max must be at least 1 (0 only with --load: evaluate without training)")
     if args.first_seed < 0:

@@ -60,12 +60,12 @@ def main():
     parser.add_argument("--mixer", default="qmix", choices=["qmix", "vdn", "none"])
     parser.add_argument("--check-every", type=int, default=20000, help="env steps between Q_tot checks")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-episodes", type=int, default=1000, help="greedy episodes at the end")
     args = parser.parse_args()
-    if args.t_max < 1 or args.check_every < 1:
-        parser.error("--t-max and --check-every must be at least 1")
+    if min(args.t_max, args.check_every, args.eval_episodes) < 1:
+        parser.error("--t-max, --check-every and --eval-episodes must be at least 1")
 
-    settings = argparse.Namespace(t_max=args.t_max, epsilon_anneal_time=None, buffer_size=50000,
-                                  epsilon_finish=0.05)
+    settings = meeting_gridworld.parse_args(["--t-max", str(args.t_max)])  # its defaults otherwise
     config = meeting_gridworld.make_config(settings, args.mixer, args.seed)
     env = envs.MeetingGridworld()
     low, high = -0.01 / (1 - config.gamma), 10.0
@@ -82,14 +82,14 @@ def main():
         print(f"{learner.t_env:>9,} env steps {learner.train_steps:>9,} train steps  "
               f"max loss {learner.worst['loss']:.4g}  max grad norm {learner.worst['grad_norm']:.4g}  "
               f"Q_tot in [{q_min:.3f}, {q_max:.3f}]  ({time.perf_counter() - start:.0f} s)", flush=True)
-    result = q.evaluate(env, learner, 1000, seed=2**31)
+    result = q.evaluate(env, learner, args.eval_episodes, seed=2**31)
     inside = low - 0.5 <= seen["min"] and seen["max"] <= high + 0.5
     print(f"\nall losses and gradient norms finite: {learner.all_finite}; skipped steps: {learner.skipped_steps}")
     print(f"largest loss {learner.worst['loss']:.4g}, largest gradient norm before clipping "
           f"{learner.worst['grad_norm']:.4g} (clipped at {config.grad_norm_clip:g})")
     print(f"Q_tot seen in [{seen['min']:.3f}, {seen['max']:.3f}]; the rewards allow [{low:.2f}, {high:.2f}]: "
           f"{'within' if inside else 'OUTSIDE'} 0.5 of the bounds")
-    print(f"greedy success after the soak: {result['success_rate']:.1%} over 1000 episodes, "
+    print(f"greedy success after the soak: {result['success_rate']:.1%} over {args.eval_episodes} episodes, "
           f"length/shortest {result['optimality_ratio']:.3f}")
     sys.exit(0 if learner.all_finite and inside else 1)
 
