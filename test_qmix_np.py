@@ -1046,9 +1046,10 @@ def test_the_examples_run_to_their_last_line_at_tiny_budgets(tmp_path):
 
 
 def test_benchmark_runs_and_reports_every_part_as_json():
-    command = [sys.executable, "examples/benchmark.py", "--json", "--reps", "3", "--warmup", "1",
-               "--sizes", "2,3,2,2,4", "3,2,4,5,6", "--e2e-steps", "100"]
-    result = json.loads(subprocess.run(command, check=True, cwd=HERE, capture_output=True, text=True).stdout)
+    run = run_example("examples/benchmark.py", "--json", "--reps", "3", "--warmup", "1",
+                      "--sizes", "2,3,2,2,4", "3,2,4,5,6", "--e2e-steps", "100")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
     assert result["blas_threads"].startswith("1 ") and result["dtype"] == "float32"
     assert [row["size"] for row in result["train_step"]] == [dict(N=2, O=3, A=2, S=2, B=4),
                                                             dict(N=3, O=2, A=4, S=5, B=6)]
