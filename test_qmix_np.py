@@ -176,6 +176,19 @@ def test_relu_zeros_are_made_once_read_only_and_never_handed_out():
     assert not zeros.any()
 
 
+def test_all_true_is_all_and_minus_inf_is_a_read_only_cache():
+    rng = np.random.default_rng(3)
+    for shape in [(), (0,), (2, 5), (3, 4, 5)]:
+        for p_true in (0.0, 0.9, 1.0):
+            mask = np.asarray(rng.random(shape) < p_true)
+            assert q.all_true(mask) == mask.all()
+    minus_inf = q.minus_inf(np.dtype(np.float32))
+    assert minus_inf is q.minus_inf(np.dtype(np.float32)) and minus_inf.dtype == np.float32
+    assert minus_inf.shape == () and minus_inf == -np.inf
+    with pytest.raises(ValueError, match="read-only"):
+        minus_inf[...] = 0.0
+
+
 def mixer_case(hypernet_layers, seed=5, batch=5, n_agents=3, state_dim=4):
     rng = np.random.default_rng(seed)
     params = q.init_qmix_mixer(rng, n_agents, state_dim, mixing_embed_dim=6,
