@@ -204,7 +204,7 @@ def relu_forward(x):
 
 
 def relu_backward(dout, cache):
-    return dout * (cache > 0), {}  # ReLU'(x) = 1 if x > 0 else 0
+    return dout * (cache > zeros((), cache.dtype)), {}  # ReLU'(x) = 1 if x > 0 else 0
 
 
 def elu_forward(x):
@@ -213,14 +213,14 @@ def elu_forward(x):
     Computed as max(x, exp(min(x, 0)) - 1): for x > 0 that is max(x, 0) = x, and for x <= 0 it
     is exp(x) - 1, since exp(x) - 1 >= x everywhere. min() keeps exp from overflowing.
     """
-    out = np.expm1(np.minimum(x, 0))
+    out = np.expm1(np.minimum(x, zeros(x.shape, x.dtype)))  # zeros: see relu_forward
     np.maximum(out, x, out=out)
     return out, out
 
 
 def elu_backward(dout, cache):
     # ELU'(x) = 1 if x > 0 else ELU(x) + 1, i.e. min(ELU(x), 0) + 1 (ELU(x) > 0 iff x > 0)
-    slope = np.minimum(cache, 0)
+    slope = np.minimum(cache, zeros(cache.shape, cache.dtype))
     slope += 1
     return dout * slope, {}
 
