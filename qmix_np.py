@@ -180,7 +180,8 @@ def indices(n):
 
 @made_once
 def zeros(shape, dtype):
-    """An array of zeros of this (shape, dtype)."""
+    """An array of zeros of this (shape, dtype). Shape () gives a 0-d zero, which NumPy takes as
+    is, where it converts a Python 0 on every call."""
     return np.zeros(shape, dtype)
 
 
