@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qmix_np import all_true, check_actions
+from qmix_np import check_actions
 
 
 class MultiAgentEnv:
@@ -169,7 +169,7 @@ class MeetingGridworld(MultiAgentEnv):
         moved = self.positions + self.MOVES[actions]
         self.positions = np.minimum(np.maximum(moved, 0), self.grid_size - 1)  # clipped at the walls
         self.steps += 1
-        if all_true(self.positions == self.goal):
+        if (self.positions == self.goal).all():
             self.done = True
             return 10.0, True, {"episode_limit": False}
         self.done = self.steps >= self.episode_limit

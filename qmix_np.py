@@ -11,32 +11,40 @@ global state by hypernetworks and made non-negative by an absolute value:
     Q_tot = h . Wf + V(s)
 
 Since W1, Wf >= 0 and ELU is increasing, dQ_tot/dQ_i >= 0: the joint argmax of Q_tot is the
-tuple of per-agent argmaxes, so the agents act greedily on their own Qs. Training minimises
-the squared TD error of Q_tot against y = r + gamma (1 - terminated) Q_tot^-(s', a'), where the
-target networks (^-) are hard copies and a' is chosen by double Q.
+tuple of per-agent argmaxes, so the agents act greedily on their own Qs. Training minimises the
+squared TD error of Q_tot against y_t = r_t + gamma (1 - terminated_t) Q_tot^-(s_{t+1}, a'_{t+1}),
+where the target networks (^-) are hard copies and a' is chosen by double Q.
 
-Names and defaults follow the canonical PyTorch code, oxwhirl/pymarl (QMixer, QLearner), so the
-two can be read side by side; the README lists where this file departs from the paper and pymarl.
+The learner is pymarl's (oxwhirl/pymarl: QMixer, QLearner, BasicMAC, EpisodeBatch), so the two
+can be read side by side: whole episodes are stored, a batch of episodes is sampled, the agent
+network runs over every time step, and the TD loss is masked to the steps that happened. The
+agent is EPyMARL's RNNAgent with use_rnn=False: fc1 -> ReLU -> rnn (a Linear) -> ReLU -> fc2.
+The README lists where this file departs from the paper and pymarl.
 
-Sections follow the data: config -> primitives -> agent network -> mixers -> TD loss ->
-optimiser -> replay buffer -> checkpoint format -> learner -> train / evaluate. Every forward returns (out, cache)
-and every backward takes (dout, cache) and returns (d_input, {param name: grad}); nothing keeps
-hidden state, so online and target networks can both run forward before any backward.
+Sections follow the data: config -> primitives -> agent network -> mixers -> TD loss over
+episodes -> optimisers -> episode replay buffer -> learner -> train / evaluate. Then, under one
+banner, input validation and the checkpoint format, which the algorithm calls but never needs
+to be read for. Every forward returns (out, cache) and every backward takes (dout, cache) and
+returns (d_input, {param name: grad}); nothing keeps hidden state, so online and target
+networks can both run forward before any backward.
 
-Shapes: B batch, N agents, O observation, I agent input (O + N with agent ids), A actions,
-S state, E mixing_embed_dim, H hypernet_embed.
+Shapes: B episodes in a batch, T time steps with an action (an episode stores T + 1 states),
+N agents, O observation, A actions, I agent input (O, + A with the last action, + N with the
+agent id), S state, H hidden_dim, E mixing_embed_dim. M stands for "any number of rows".
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import inspect
 import json
 import math
 import os
 import pathlib
+import sys
 import tempfile
+import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -46,25 +54,30 @@ import numpy as np
 # Config
 # ------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Config:
-    """Every setting of a run. Field names and defaults are pymarl's where pymarl has one."""
+    """Every setting of a run. Field names and defaults are pymarl's or EPyMARL's where they have one."""
 
     # --- the method
     mixer: str = "qmix"  # "qmix", "vdn" (sum of Qs) or "none" (independent learners)
     mixing_embed_dim: int = 32  # E: width of the mixing network's hidden layer
     hypernet_layers: int = 2  # 1 or 2 Linear layers in hyper_w_1 / hyper_w_final (pymarl qmix.yaml: 2)
-    hypernet_embed: int = 64  # H: hidden width of the 2-layer hypernetworks
-    agent_hidden_dims: tuple = (64, 64)  # MLP agent's hidden layers (pymarl: a GRU of 64)
-    shared_agent: bool = True  # one network shared by all agents (pymarl), else one per agent
-    obs_agent_id: bool = True  # append a one-hot agent id to each observation
+    hypernet_embed: int = 64  # hidden width of the 2-layer hypernetworks
+    hidden_dim: int = 64  # H: the agent network's width (EPyMARL's hidden_dim, pymarl's rnn_hidden_dim)
+    shared_agent: bool = True  # one agent network shared by all agents (pymarl), else one per agent
+    obs_last_action: bool = True  # agent input includes the one-hot of its previous action (pymarl)
+    obs_agent_id: bool = True  # agent input includes its one-hot agent id (pymarl)
     # --- the learner
     gamma: float = 0.99  # discount
-    lr: float = 5e-4  # Adam step size
+    optimizer: str = "adam"  # "adam" (pymarl2, EPyMARL) or "rmsprop" (pymarl)
+    lr: float = 5e-4  # step size of either optimiser
     adam_betas: tuple = (0.9, 0.999)  # Adam's moment decay rates (PyTorch defaults)
     adam_eps: float = 1e-8  # Adam's denominator guard (PyTorch default)
-    batch_size: int = 32  # transitions per train step (pymarl: 32 whole episodes)
-    buffer_size: int = 5000  # transitions held by the replay buffer (pymarl: 5000 episodes)
+    optim_alpha: float = 0.99  # RMSprop's decay of the squared-gradient average (pymarl)
+    optim_eps: float = 1e-5  # RMSprop's denominator guard (pymarl)
+    batch_size: int = 32  # EPISODES per train step (pymarl)
+    buffer_size: int = 5000  # EPISODES held by the replay buffer (pymarl)
     double_q: bool = True  # online net picks a', target net values it
     grad_norm_clip: float = 10.0  # max global L2 norm over all gradients
     target_update_interval: int = 200  # EPISODES between hard target copies (pymarl's unit)
@@ -73,65 +86,14 @@ class Config:
     epsilon_finish: float = 0.05  # epsilon after epsilon_anneal_time env steps
     epsilon_anneal_time: int = 50000  # ENV STEPS of linear annealing
     # --- the run
-    t_max: int = 50000  # env steps of training (rounded up to whole episodes)
+    t_max: int = 50000  # env steps of training (whole episodes: the last one may run past it)
     seed: int = 0  # seeds the one Generator behind everything random
-    dtype: str = "float32"  # training dtype, "float32" or "float64" (README: measured choice)
+    dtype: str = "float32"  # training dtype, "float32" (as PyTorch) or "float64" (gradient checks)
     on_nonfinite: str = "raise"  # a NaN/inf loss or gradient norm: "raise" FloatingPointError, or "skip" the step
 
     def __post_init__(self):
-        self.agent_hidden_dims = _as_tuple("agent_hidden_dims", self.agent_hidden_dims)
-        self.adam_betas = _as_tuple("adam_betas", self.adam_betas)
-        for name, ok, expected in _CONFIG_RULES:
-            value = getattr(self, name)
-            try:
-                good = ok(value)
-            except TypeError:
-                good = False
-            if not good:
-                raise ValueError(f"Config.{name} must be {expected}, got {value!r}")
+        check_config(self)  # see "Input validation" at the end of this file
 
-
-def _as_tuple(name, value):
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"Config.{name} must be a sequence, got {value!r}")
-    return tuple(value)
-
-
-def _is_int(x, low):
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
-
-
-def _is_real(x, low, high):
-    return (isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
-            and math.isfinite(x) and low <= x <= high)
-
-
-_CONFIG_RULES = (  # (field, test, what it must be)
-    ("mixer", lambda v: v in MIXERS, "one of 'qmix', 'vdn', 'none'"),  # MIXERS: see Mixers
-    ("mixing_embed_dim", lambda v: _is_int(v, 1), "an int >= 1"),
-    ("hypernet_layers", lambda v: _is_int(v, 1) and v <= 2, "1 or 2"),
-    ("hypernet_embed", lambda v: _is_int(v, 1), "an int >= 1"),
-    ("agent_hidden_dims", lambda v: all(_is_int(d, 1) for d in v), "a sequence of ints >= 1"),
-    ("shared_agent", lambda v: isinstance(v, bool), "True or False"),
-    ("obs_agent_id", lambda v: isinstance(v, bool), "True or False"),
-    ("gamma", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
-    ("lr", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
-    ("adam_betas", lambda v: len(v) == 2 and all(_is_real(b, 0.0, 1.0) and b < 1 for b in v),
-     "two numbers in [0, 1)"),
-    ("adam_eps", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
-    ("batch_size", lambda v: _is_int(v, 1), "an int >= 1"),
-    ("buffer_size", lambda v: _is_int(v, 1), "an int >= 1"),
-    ("double_q", lambda v: isinstance(v, bool), "True or False"),
-    ("grad_norm_clip", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
-    ("target_update_interval", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
-    ("epsilon_start", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
-    ("epsilon_finish", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
-    ("epsilon_anneal_time", lambda v: _is_int(v, 1), "an int >= 1 (env steps)"),
-    ("t_max", lambda v: _is_int(v, 0), "an int >= 0 (env steps)"),
-    ("seed", lambda v: _is_int(v, 0), "an int >= 0"),
-    ("dtype", lambda v: v in ("float64", "float32"), "'float64' or 'float32'"),
-    ("on_nonfinite", lambda v: v in ("raise", "skip"), "'raise' or 'skip'"),
-)
 
 # ------------------------------------------------------------------------------------------
 # Primitives: forward(x, ...) -> (out, cache); backward(dout, cache) -> (dx, {param: grad})
@@ -144,8 +106,7 @@ def linear_forward(x, weight, bias):
     Shared layer:  x (M, I), W (O, I), b (O,)       -> y (M, O)
     One per group: x (G, M, I), W (G, O, I), b (G, O) -> y (G, M, O)   (G = agents)
     """
-    out = x @ weight.swapaxes(-1, -2)
-    out += bias[..., None, :]
+    out = x @ weight.swapaxes(-1, -2) + bias[..., None, :]
     return out, (x, weight)
 
 
@@ -161,69 +122,24 @@ def linear_backward(dout, cache, input_grad=True):
     return dx, {"weight": dweight, "bias": dbias}
 
 
-def made_once(make):
-    """Decorator: make(*args) runs once per distinct args; every call gets that one array,
-    read-only, so that no caller can change what the others see."""
-    @functools.lru_cache(maxsize=64)
-    def cached(*args):
-        array = make(*args)
-        array.flags.writeable = False
-        return array
-    return functools.update_wrapper(cached, make)
-
-
-@made_once
-def indices(n):
-    """0, 1, ..., n - 1: (n,)."""
-    return np.arange(n)
-
-
-@made_once
-def zeros(shape, dtype):
-    """An array of zeros of this (shape, dtype). Shape () gives a 0-d zero, which NumPy takes as
-    is, where it converts a Python 0 on every call."""
-    return np.zeros(shape, dtype)
-
-
-@made_once
-def minus_inf(dtype):
-    """-inf as a 0-d array of `dtype`. NumPy converts a Python scalar operand on every call; this
-    one it takes as is (np.where on one env step's Qs: 0.9 us, against 1.2 with -np.inf)."""
-    return np.array(-np.inf, dtype)
-
-
-def all_true(mask):
-    """mask.all() for a bool array. count_nonzero skips the ufunc reduction machinery: on the
-    few elements of one env step it takes 0.3 us, where .all() takes 1 us."""
-    return np.count_nonzero(mask) == mask.size
-
-
 def relu_forward(x):
     """y = max(x, 0)."""
-    out = np.maximum(x, zeros(x.shape, x.dtype))  # NumPy's max(x, 0) with a scalar is not vectorised
-    return out, out  # y > 0 exactly where x > 0: the mask is made only if backward runs
+    out = np.maximum(x, 0)
+    return out, out  # y > 0 exactly where x > 0, so y is all backward needs
 
 
 def relu_backward(dout, cache):
-    return dout * (cache > zeros((), cache.dtype)), {}  # ReLU'(x) = 1 if x > 0 else 0
+    return dout * (cache > 0), {}  # ReLU'(x) = 1 if x > 0 else 0
 
 
 def elu_forward(x):
-    """y = x if x > 0 else exp(x) - 1  (alpha = 1, as torch.nn.functional.elu).
-
-    Computed as max(x, exp(min(x, 0)) - 1): for x > 0 that is max(x, 0) = x, and for x <= 0 it
-    is exp(x) - 1, since exp(x) - 1 >= x everywhere. min() keeps exp from overflowing.
-    """
-    out = np.expm1(np.minimum(x, zeros(x.shape, x.dtype)))  # zeros: see relu_forward
-    np.maximum(out, x, out=out)
+    """y = x if x > 0 else exp(x) - 1  (alpha = 1, as torch.nn.functional.elu)."""
+    out = np.where(x > 0, x, np.expm1(np.minimum(x, 0)))  # min() keeps exp from overflowing
     return out, out
 
 
 def elu_backward(dout, cache):
-    # ELU'(x) = 1 if x > 0 else ELU(x) + 1, i.e. min(ELU(x), 0) + 1 (ELU(x) > 0 iff x > 0)
-    slope = np.minimum(cache, zeros(cache.shape, cache.dtype))
-    slope += 1
-    return dout * slope, {}
+    return dout * np.where(cache > 0, 1, cache + 1), {}  # ELU'(x) = 1 if x > 0 else ELU(x) + 1
 
 
 def abs_forward(x):
@@ -238,7 +154,7 @@ def abs_backward(dout, cache):
 def mlp_forward(params, layers, x):
     """Linear layers named `layers` (keys `{name}.weight`, `{name}.bias`), ReLU between them.
 
-    This is both the agent network (fc1, fc2, ...) and pymarl's nn.Sequential hypernetworks
+    This is both the agent network (fc1 -> rnn -> fc2) and pymarl's nn.Sequential hypernetworks
     (e.g. V.0 -> ReLU -> V.2). The last layer has no activation.
     """
     caches = []
@@ -253,9 +169,8 @@ def mlp_forward(params, layers, x):
 
 def mlp_backward(dout, cache, input_grad=True):
     grads = {}
-    for name, relu_cache, linear_cache in reversed(cache):
-        first = name == cache[0][0]
-        dout, layer_grads = linear_backward(dout, linear_cache, input_grad or not first)
+    for i, (name, relu_cache, linear_cache) in reversed(list(enumerate(cache))):
+        dout, layer_grads = linear_backward(dout, linear_cache, input_grad or i > 0)
         grads[f"{name}.weight"], grads[f"{name}.bias"] = layer_grads["weight"], layer_grads["bias"]
         if relu_cache is not None:
             dout, _ = relu_backward(dout, relu_cache)
@@ -274,92 +189,84 @@ def init_linear(rng, name, in_dim, out_dim, groups=None, dtype=np.float64):
     return {f"{name}.weight": weight, f"{name}.bias": bias}
 
 
-def hypernet_layer_names(params, name):
-    """pymarl's names for a hypernetwork: one Linear `name`, or `name.0` -> ReLU -> `name.2`."""
-    return (name,) if f"{name}.weight" in params else (f"{name}.0", f"{name}.2")
-
-
 # ------------------------------------------------------------------------------------------
-# Agent network: Q_i(o_i, .) for every agent at once
+# Agent network: Q_i(o_i, .) for every agent, at every step of every episode at once
 # ------------------------------------------------------------------------------------------
 
+AGENT_LAYERS = ("fc1", "rnn", "fc2")  # EPyMARL's RNNAgent names; with use_rnn=False, `rnn` is a Linear
 
-def init_agent_params(rng, input_dim, hidden_dims, n_actions, n_agents=None, dtype=np.float64):
-    """MLP input_dim -> hidden_dims -> n_actions, layers fc1, fc2, ...
 
-    n_agents None: one network shared by all agents (fcK.weight (out, in)), as in pymarl.
-    n_agents N: one network per agent, stacked (fcK.weight (N, out, in)).
+def init_agent_params(rng, input_dim, hidden_dim, n_actions, n_agents=None, dtype=np.float64):
+    """fc1 (H, I) -> ReLU -> rnn (H, H) -> ReLU -> fc2 (A, H): the keys of EPyMARL's RNNAgent.
+
+    n_agents None: one network shared by all agents, as in pymarl.
+    n_agents N: one network per agent, stacked on a leading axis (fc1.weight (N, H, I)).
     """
-    dims = [input_dim, *hidden_dims, n_actions]
-    params = {}
-    for k, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
-        params.update(init_linear(rng, f"fc{k}", d_in, d_out, n_agents, dtype))
-    return params
+    return {**init_linear(rng, "fc1", input_dim, hidden_dim, n_agents, dtype),
+            **init_linear(rng, "rnn", hidden_dim, hidden_dim, n_agents, dtype),
+            **init_linear(rng, "fc2", hidden_dim, n_actions, n_agents, dtype)}
 
 
-@made_once
-def agent_ids(n_agents, dtype):
-    """The one-hot ids of N agents, row i = e_i: (N, N)."""
-    return np.eye(n_agents, dtype=dtype)
+def one_hot(actions, n_actions, dtype):
+    """actions (...) -> (..., A), row a = e_a."""
+    return np.eye(n_actions, dtype=dtype)[actions]
 
 
-@functools.lru_cache(maxsize=16)
-def agent_layers(n_layers):
-    """The agent network's layer names, fc1 ... fcK (made once per K)."""
-    return tuple(f"fc{k}" for k in range(1, n_layers + 1))
+def build_agent_inputs(obs, last_actions_onehot, config):
+    """pymarl's BasicMAC._build_inputs: [o_i, onehot(a_i at t - 1), onehot(i)] for each agent.
+
+    obs (..., N, O), last_actions_onehot (..., N, A) (zeros at t = 0) -> (..., N, I) of config.dtype.
+    Each part is included as config.obs_last_action and config.obs_agent_id say.
+    """
+    parts = [obs]
+    if config.obs_last_action:
+        parts.append(last_actions_onehot)
+    if config.obs_agent_id:
+        n_agents = obs.shape[-2]
+        parts.append(np.broadcast_to(np.eye(n_agents), obs.shape[:-1] + (n_agents,)))  # (..., N, N)
+    return np.concatenate(parts, axis=-1).astype(config.dtype, copy=False)
 
 
-def build_agent_inputs(obs, obs_agent_id, dtype):
-    """Append each agent's one-hot id to its observation: (..., N, O) -> (..., N, O + N) of `dtype`."""
-    if not obs_agent_id:
-        return np.asarray(obs, dtype=dtype)
-    *lead, n_agents, obs_dim = np.shape(obs)
-    inputs = np.empty((*lead, n_agents, obs_dim + n_agents), dtype)
-    inputs[..., :obs_dim] = obs  # converted to dtype as it is copied in
-    inputs[..., obs_dim:] = agent_ids(n_agents, np.dtype(dtype))  # broadcast over the leading axes
-    return inputs
+def episode_agent_inputs(batch, config):
+    """Agent inputs at every step t = 0..T of a batch of episodes: (B, T + 1, N, I)."""
+    n_actions = batch["avail_actions"].shape[-1]
+    taken = one_hot(batch["actions"], n_actions, config.dtype)  # (B, T, N, A)
+    last = np.concatenate([np.zeros_like(taken[:, :1]), taken], axis=1)  # (B, T + 1, N, A): none at t = 0
+    return build_agent_inputs(batch["obs"], last, config)
 
 
 def agent_forward(params, inputs):
-    """Q-values of every agent: inputs (B, N, I) -> q (B, N, A).
+    """Q-values of every agent: inputs (..., N, I) -> q (..., N, A).
 
-    A shared network sees all B*N rows as one batch, so its gradient sums over agents and batch;
-    per-agent networks run as one batched matmul over the agent axis.
+    A shared network sees all rows of all agents as one batch, so its gradient sums over agents,
+    time steps and episodes; per-agent networks run as one batched matmul over the agent axis.
     """
-    batch, n_agents, in_dim = inputs.shape
+    *lead, n_agents, in_dim = inputs.shape
     shared = params["fc1.weight"].ndim == 2
-    x = inputs.reshape(batch * n_agents, in_dim) if shared else inputs.transpose(1, 0, 2)
-    layers = agent_layers(len(params) // 2)
-    q, mlp_cache = mlp_forward(params, layers, x)  # (B*N, A) or (N, B, A)
-    q = q.reshape(batch, n_agents, -1) if shared else q.transpose(1, 0, 2)  # (B, N, A)
-    return q, (shared, inputs.shape, mlp_cache)
+    if shared:
+        x = inputs.reshape(-1, in_dim)  # (M N, I)
+    else:
+        x = inputs.reshape(-1, n_agents, in_dim).swapaxes(0, 1)  # (N, M, I)
+    q, mlp_cache = mlp_forward(params, AGENT_LAYERS, x)
+    if not shared:
+        q = q.swapaxes(0, 1)  # (M, N, A)
+    return q.reshape(*lead, n_agents, -1), (shared, n_agents, mlp_cache)
 
 
-def agent_backward(dq, cache, input_grad=True):
-    """(dL/d inputs (B', N, I) or None if not input_grad, grads of every fcK).
-
-    dq (B', N, A) may cover only the first B' <= B inputs of the forward; the others then have
-    no gradient, and the backward skips their rows. (The learner's one forward covers o and o',
-    and only the Qs at o get a gradient.)
-    """
-    shared, (_, n_agents, in_dim), mlp_cache = cache
-    rows = len(dq)
-    mlp_cache = leading_rows(mlp_cache, rows * n_agents if shared else rows)  # all of them if B' = B
-    dq = dq.reshape(rows * n_agents, -1) if shared else dq.transpose(1, 0, 2)
-    dx, grads = mlp_backward(dq, mlp_cache, input_grad)
-    if input_grad:
-        dx = dx.reshape(rows, n_agents, in_dim) if shared else dx.transpose(1, 0, 2)  # (B', N, I)
-    return dx, grads
-
-
-def leading_rows(mlp_cache, rows):
-    """The cache of mlp_forward for its first `rows` rows (axis -2) alone: views, no copies."""
-    return [(name, None if relu_out is None else relu_out[..., :rows, :], (x[..., :rows, :], weight))
-            for name, relu_out, (x, weight) in mlp_cache]
+def agent_backward(dq, cache):
+    """Gradients of fc1, rnn, fc2 from dL/dq (..., N, A). The inputs are data: no dL/d inputs."""
+    shared, n_agents, mlp_cache = cache
+    n_actions = dq.shape[-1]
+    if shared:
+        dq = dq.reshape(-1, n_actions)  # (M N, A)
+    else:
+        dq = dq.reshape(-1, n_agents, n_actions).swapaxes(0, 1)  # (N, M, A)
+    _, grads = mlp_backward(dq, mlp_cache, input_grad=False)
+    return grads
 
 
 # ------------------------------------------------------------------------------------------
-# Mixers: (agent_qs (B, N), states (B, S)) -> Q_tot (B,)
+# Mixers: (agent_qs (M, N), states (M, S)) -> Q_tot (M,)
 # ------------------------------------------------------------------------------------------
 
 
@@ -386,92 +293,55 @@ def init_qmix_mixer(rng, n_agents, state_dim, mixing_embed_dim=32, hypernet_laye
             **init_linear(rng, "V.0", s, e, dtype=dtype), **init_linear(rng, "V.2", e, 1, dtype=dtype)}
 
 
-def linear_stack_forward(params, layers, x):
-    """Several Linear layers that read the same x, as ONE matmul, split back per layer:
-
-        [y_1, y_2, ...] = x [W_1; W_2; ...]^T + [b_1, b_2, ...]
-    """
-    weights = [params[f"{name}.weight"] for name in layers]  # (out_k, I) each
-    biases = [params[f"{name}.bias"] for name in layers]  # (out_k,) each
-    out, cache = linear_forward(x, np.concatenate(weights), np.concatenate(biases))
-    outs, start = [], 0
-    for weight in weights:  # y_k: the next out_k columns
-        outs.append(out[..., start:start + len(weight)])
-        start += len(weight)
-    return outs, (layers, cache)
-
-
-def linear_stack_backward(douts, cache):
-    """Gradients of every stacked layer's weight and bias; x is data, so no dL/dx."""
-    layers, linear_cache = cache
-    _, stacked = linear_backward(np.concatenate(douts, axis=-1), linear_cache, input_grad=False)
-    grads, start = {}, 0
-    for name, dout in zip(layers, douts):  # layer k's rows of the stacked gradients
-        end = start + dout.shape[-1]
-        grads[f"{name}.weight"] = stacked["weight"][start:end]
-        grads[f"{name}.bias"] = stacked["bias"][start:end]
-        start = end
-    return grads
-
-
-def tail_forward(params, layers, z):
-    """What follows a layer that reads s: nothing, or ReLU -> `layers` (V.2; 2-layer hypernets)."""
-    if not layers:
-        return z, None
-    h, relu_cache = relu_forward(z)
-    out, mlp_cache = mlp_forward(params, layers, h)
-    return out, (relu_cache, mlp_cache)
-
-
-def tail_backward(dout, cache):
-    if cache is None:
-        return dout, {}
-    relu_cache, mlp_cache = cache
-    dh, grads = mlp_backward(dout, mlp_cache)
-    return relu_backward(dh, relu_cache)[0], grads
+def hypernet_forward(params, name, states):
+    """pymarl's hypernetwork `name`: one Linear, or name.0 -> ReLU -> name.2 (hypernet_layers 2)."""
+    layers = (name,) if f"{name}.weight" in params else (f"{name}.0", f"{name}.2")
+    return mlp_forward(params, layers, states)
 
 
 def qmix_mixer_forward(params, agent_qs, states):
-    """Q_tot = ELU(q |W1(s)| + b1(s)) . |Wf(s)| + V(s).  agent_qs (B, N), states (B, S) -> (B,).
+    """pymarl's QMixer.forward: agent_qs (M, N), states (M, S) -> Q_tot (M,).
 
-    The four layers that read s (the first of hyper_w_1, of hyper_w_final, hyper_b_1, V.0) run
-    as one matmul; what follows each of them is its own.
+    Q_tot = ELU(q |W1(s)| + b1(s)) . |Wf(s)| + V(s).
     """
-    batch, n_agents = agent_qs.shape
-    w1_layers, wf_layers = hypernet_layer_names(params, "hyper_w_1"), hypernet_layer_names(params, "hyper_w_final")
-    (w1_z, wf_z, b1, v_z), state_cache = linear_stack_forward(
-        params, [w1_layers[0], wf_layers[0], "hyper_b_1", "V.0"], states)
-    w1_raw, w1_tail = tail_forward(params, w1_layers[1:], w1_z)  # (B, N*E)
-    w1, w1_abs_cache = abs_forward(w1_raw)
-    w1 = w1.reshape(batch, n_agents, -1)  # (B, N, E), pymarl's view(-1, N, E)
-    pre = (agent_qs[:, None, :] @ w1)[:, 0, :] + b1  # (B, E)
-    hidden, elu_cache = elu_forward(pre)
-    wf_raw, wf_tail = tail_forward(params, wf_layers[1:], wf_z)  # (B, E)
-    wf, wf_abs_cache = abs_forward(wf_raw)
-    v, v_tail = tail_forward(params, ["V.2"], v_z)  # (B, 1)
-    q_tot = np.einsum("be,be->b", hidden, wf) + v[:, 0]  # (B,)
-    cache = (agent_qs, w1, hidden, wf, state_cache, w1_tail, w1_abs_cache, elu_cache,
-             wf_tail, wf_abs_cache, v_tail)
+    rows, n_agents = agent_qs.shape
+    # First layer
+    w1, w1_net = hypernet_forward(params, "hyper_w_1", states)  # (M, N E)
+    w1, w1_abs = abs_forward(w1)
+    b1, b1_linear = linear_forward(states, params["hyper_b_1.weight"], params["hyper_b_1.bias"])  # (M, E)
+    w1 = w1.reshape(rows, n_agents, -1)  # (M, N, E)
+    hidden, elu_cache = elu_forward((agent_qs[:, None, :] @ w1)[:, 0, :] + b1)  # (M, E)
+    # Second layer
+    w_final, w_final_net = hypernet_forward(params, "hyper_w_final", states)  # (M, E)
+    w_final, w_final_abs = abs_forward(w_final)
+    # State-dependent bias
+    v, v_net = mlp_forward(params, ("V.0", "V.2"), states)  # (M, 1)
+    q_tot = (hidden * w_final).sum(axis=-1) + v[:, 0]  # (M,)
+    cache = dict(agent_qs=agent_qs, w1=w1, hidden=hidden, w_final=w_final, w1_net=w1_net,
+                 w1_abs=w1_abs, b1_linear=b1_linear, elu=elu_cache, w_final_net=w_final_net,
+                 w_final_abs=w_final_abs, v_net=v_net)
     return q_tot, cache
 
 
 def qmix_mixer_backward(dq_tot, cache):
-    """Returns dL/d agent_qs (B, N) and the gradient of every mixer parameter."""
-    (agent_qs, w1, hidden, wf, state_cache, w1_tail, w1_abs_cache, elu_cache,
-     wf_tail, wf_abs_cache, v_tail) = cache
-    dq_tot = dq_tot[:, None]  # (B, 1)
-    dhidden = dq_tot * wf  # dQ_tot/dh = Wf
-    dwf, _ = abs_backward(dq_tot * hidden, wf_abs_cache)  # dQ_tot/dWf = h
-    dpre, _ = elu_backward(dhidden, elu_cache)  # (B, E); d pre/db1 = 1
-    dagent_qs = (w1 @ dpre[:, :, None])[:, :, 0]  # d pre/dq = W1: (B, N)
-    dw1 = agent_qs[:, :, None] * dpre[:, None, :]  # d pre/dW1 = q outer 1: (B, N, E)
-    dw1, _ = abs_backward(dw1.reshape(len(dw1), -1), w1_abs_cache)  # (B, N*E)
-    dw1_z, grads = tail_backward(dw1, w1_tail)
-    dwf_z, wf_grads = tail_backward(dwf, wf_tail)
-    dv_z, v_grads = tail_backward(dq_tot, v_tail)  # dQ_tot/dV = 1
-    grads.update(wf_grads)
-    grads.update(v_grads)
-    grads.update(linear_stack_backward([dw1_z, dwf_z, dpre, dv_z], state_cache))
+    """Returns dL/d agent_qs (M, N) and the gradient of every mixer parameter."""
+    c = cache
+    dq_tot = dq_tot[:, None]  # (M, 1)
+    # State-dependent bias: dQ_tot/dV = 1
+    _, v_grads = mlp_backward(dq_tot, c["v_net"], input_grad=False)
+    # Second layer: dQ_tot/dh = Wf, dQ_tot/dWf = h
+    dhidden = dq_tot * c["w_final"]  # (M, E)
+    dw_final, _ = abs_backward(dq_tot * c["hidden"], c["w_final_abs"])
+    _, w_final_grads = mlp_backward(dw_final, c["w_final_net"], input_grad=False)
+    # First layer: pre = q W1 + b1, h = ELU(pre)
+    dpre, _ = elu_backward(dhidden, c["elu"])  # (M, E)
+    dagent_qs = (c["w1"] @ dpre[:, :, None])[:, :, 0]  # d pre/dq = W1: (M, N)
+    dw1 = c["agent_qs"][:, :, None] * dpre[:, None, :]  # d pre/dW1 = q outer 1: (M, N, E)
+    dw1, _ = abs_backward(dw1.reshape(len(dw1), -1), c["w1_abs"])  # (M, N E)
+    _, w1_grads = mlp_backward(dw1, c["w1_net"], input_grad=False)
+    _, b1_grads = linear_backward(dpre, c["b1_linear"], input_grad=False)  # d pre/db1 = 1
+    grads = {**w1_grads, "hyper_b_1.weight": b1_grads["weight"], "hyper_b_1.bias": b1_grads["bias"],
+             **w_final_grads, **v_grads}
     return dagent_qs, grads
 
 
@@ -485,7 +355,7 @@ def vdn_mixer_backward(dq_tot, cache):
 
 
 def independent_mixer_forward(params, agent_qs, states):
-    """Independent learners: no mixing; each agent's Q (B, N) gets its own TD error."""
+    """Independent learners: no mixing; each agent's Q (M, N) gets its own TD error."""
     return agent_qs, None
 
 
@@ -515,117 +385,133 @@ def get_mixer(name):
     return MIXERS[name]
 
 
+def mix_episodes(mixer_forward, params, agent_qs, states):
+    """A mixer applied at every (episode, step): agent_qs (B, T, N), states (B, T, S) -> (B, T)
+    ((B, T, N) for independent learners)."""
+    batch, steps, n_agents = agent_qs.shape
+    q_tot, cache = mixer_forward(params, agent_qs.reshape(batch * steps, n_agents),
+                                 states.reshape(batch * steps, -1))
+    return q_tot.reshape(batch, steps, *q_tot.shape[1:]), cache
+
+
 # ------------------------------------------------------------------------------------------
-# TD loss
+# TD loss over a batch of episodes (pymarl's QLearner.train)
 # ------------------------------------------------------------------------------------------
 
 
 def masked_argmax(q, avail):
-    """argmax over the last axis among available actions only (pymarl: -inf elsewhere)."""
-    return np.where(avail, q, minus_inf(q.dtype)).argmax(axis=-1)
+    """argmax over the last axis among available actions only."""
+    return np.where(avail, q, -np.inf).argmax(axis=-1)
 
 
-def action_index(actions):
-    """Index of q[b, i, actions[b, i]] for every b, i: actions (B, N) -> a fancy index."""
-    batch, n_agents = actions.shape
-    return indices(batch)[:, None], indices(n_agents), actions
+def take(q, actions):
+    """The Qs of the given actions: q (..., A), actions (...) -> (...)."""
+    return np.take_along_axis(q, actions[..., None], axis=-1)[..., 0]
 
 
-def take_actions(q, actions):
-    """Q of the taken actions: q (B, N, A), actions (B, N) -> (B, N)."""
-    return q[action_index(actions)]
+def td_targets(target_params, batch, inputs, online_q, config):
+    """y_t = r_t + gamma (1 - terminated_t) Q_tot^-(s_{t+1}, a'_{t+1}) for t < T: (B, T), or
+    (B, T, N) for independent learners. A constant for the loss: the stop-gradient is here.
 
-
-def td_targets(params, target_params, batch, config, next_inputs=None, online_next_q=None):
-    """y = r + gamma (1 - terminated) Q_tot^-(s', a'): a constant for the loss (stop-gradient).
-
-    Double Q: a'_i = argmax over available actions of the ONLINE agent net at o'_i, valued by
-    the TARGET agent net and mixed by the TARGET mixer at s'. Without it: the target net's max.
-    next_inputs (B, N, I), the agent inputs at o', and online_next_q (B, N, A), the online net's
-    Qs at o': pass them if already computed (loss_and_grads computes both with those at o);
-    otherwise they are computed here.
-    Returns (B,), or (B, N) for independent learners.
+    The target agent net runs over t = 0..T (inputs (B, T + 1, N, I)) and its Qs at t + 1 are
+    kept. Double Q: a'_i = argmax over available actions of the ONLINE Qs (online_q, the
+    learner's own forward) at t + 1; without it, of the target Qs (their max). The target mixer
+    sees state[:, 1:]. At padded steps every action is unavailable and a' is 0: a finite
+    value that the mask removes.
     """
-    if next_inputs is None:
-        next_inputs = build_agent_inputs(batch["next_obs"], config.obs_agent_id, config.dtype)
-    q_next, _ = agent_forward(target_params["agent"], next_inputs)  # (B, N, A)
-    if not config.double_q:
-        chooser = q_next
-    elif online_next_q is None:
-        chooser, _ = agent_forward(params["agent"], next_inputs)
-    else:
-        chooser = online_next_q
-    best = masked_argmax(chooser, batch["next_avail_actions"])  # (B, N)
-    mix_forward, _ = get_mixer(config.mixer)
-    q_tot_next, _ = mix_forward(target_params["mixer"], take_actions(q_next, best), batch["next_state"])
-    reward, terminated = batch["reward"], batch["terminated"]
-    if q_tot_next.ndim == 2:  # independent learners: the team reward for every agent
-        reward, terminated = reward[:, None], terminated[:, None]
-    return np.where(terminated, reward, reward + config.gamma * q_tot_next)  # y = r where terminated
+    target_q, _ = agent_forward(target_params["agent"], inputs)  # (B, T + 1, N, A)
+    target_q = target_q[:, 1:]  # (B, T, N, A): the Qs at t + 1
+    chooser = online_q[:, 1:] if config.double_q else target_q
+    best = masked_argmax(chooser, batch["avail_actions"][:, 1:])  # (B, T, N)
+    mixer_forward, _ = get_mixer(config.mixer)
+    target_q_tot, _ = mix_episodes(mixer_forward, target_params["mixer"], take(target_q, best),
+                                   batch["state"][:, 1:])
+    reward, terminated = batch["reward"], batch["terminated"]  # (B, T)
+    if target_q_tot.ndim == 3:  # independent learners: the team reward for every agent
+        reward, terminated = reward[..., None], terminated[..., None]
+    return reward + config.gamma * (1 - terminated) * target_q_tot
 
 
-def td_loss_forward(q_tot, targets):
-    """L = mean((Q_tot - y)^2) over the batch (and the agents, for independent learners)."""
-    td_error = q_tot - targets
-    return float(np.vdot(td_error, td_error)) / td_error.size, td_error
+def loss_mask(batch):
+    """pymarl's mask (B, T): 1 on the steps that happened, 0 after a terminal step and on padding."""
+    mask = batch["filled"].copy()  # (B, T)
+    mask[:, 1:] *= 1 - batch["terminated"][:, :-1]
+    return mask
 
 
-def td_loss_backward(dloss, cache):
-    td_error = cache
-    return dloss * 2.0 * td_error / td_error.size, {}  # dL/dQ_tot = 2 (Q_tot - y) / n
+def masked_td_loss_forward(q_tot, targets, mask):
+    """L = sum((mask (Q_tot - y))^2) / sum(mask).
+
+    q_tot, targets (B, T), or (B, T, N) for independent learners, where the mask (B, T) is
+    expanded over the agents (so the loss also averages over agents, as pymarl's).
+    """
+    mask = np.broadcast_to(mask.reshape(mask.shape + (1,) * (q_tot.ndim - mask.ndim)), q_tot.shape)
+    masked_td_error = (q_tot - targets) * mask
+    n_valid = float(mask.sum())
+    return float(np.vdot(masked_td_error, masked_td_error)) / n_valid, (masked_td_error, n_valid)
+
+
+def masked_td_loss_backward(cache):
+    masked_td_error, n_valid = cache
+    return 2.0 * masked_td_error / n_valid  # dL/dQ_tot = 2 mask^2 (Q_tot - y) / sum(mask); mask^2 = mask
 
 
 def loss_and_grads(params, target_params, batch, config):
-    """Forward and backward of the TD loss through mixer and agent nets; the targets y are constants.
+    """pymarl's QLearner.train, forward and backward, on a batch of episodes.
 
-    As in pymarl, ONE forward of the online agent net covers o and o' (2B inputs). Its Qs at o'
-    only choose double Q's a' for td_targets, so the backward covers the B inputs of o alone.
-    Returns (loss, grads keyed like params, diagnostics).
+    batch: obs (B, T + 1, N, O), state (B, T + 1, S), avail_actions (B, T + 1, N, A) at every
+    step including the one after the last action; actions (B, T, N), reward, terminated and
+    filled (B, T) for the steps with an action. Returns (loss, grads keyed like params, diagnostics).
     """
-    mix_forward, mix_backward = get_mixer(config.mixer)
-    n_batch = len(batch["obs"])
-    inputs = build_agent_inputs(np.concatenate([batch["obs"], batch["next_obs"]]), config.obs_agent_id,
-                                config.dtype)  # (2B, N, I): o, then o'
-    q_both, agent_cache = agent_forward(params["agent"], inputs)  # (2B, N, A)
-    q = q_both[:n_batch]  # (B, N, A)
-    targets = td_targets(params, target_params, batch, config, inputs[n_batch:], q_both[n_batch:])
-    taken = action_index(batch["actions"])  # q[taken] gathers the taken actions' Qs
-    q_taken = q[taken]  # (B, N)
-    q_tot, mix_cache = mix_forward(params["mixer"], q_taken, batch["state"])
-    loss, loss_cache = td_loss_forward(q_tot, targets)
+    mixer_forward, mixer_backward = get_mixer(config.mixer)
+    mask = loss_mask(batch)  # (B, T)
+    # Estimated Qs at every step (one forward), and those of the actions taken
+    inputs = episode_agent_inputs(batch, config)  # (B, T + 1, N, I)
+    q, agent_cache = agent_forward(params["agent"], inputs)  # (B, T + 1, N, A)
+    chosen = take(q[:, :-1], batch["actions"])  # (B, T, N)
+    # Targets from the target networks: constants
+    targets = td_targets(target_params, batch, inputs, q, config)
+    # Mix, then the masked TD error
+    q_tot, mixer_cache = mix_episodes(mixer_forward, params["mixer"], chosen, batch["state"][:, :-1])
+    loss, loss_cache = masked_td_loss_forward(q_tot, targets, mask)
 
-    dq_tot, _ = td_loss_backward(1.0, loss_cache)
-    dq_taken, mixer_grads = mix_backward(dq_tot, mix_cache)
-    dq = np.zeros_like(q)
-    dq[taken] = dq_taken  # the gather's transpose: a scatter
-    _, agent_grads = agent_backward(dq, agent_cache, input_grad=False)
-    n = targets.size
-    diagnostics = {"td_error_abs": float(np.abs(loss_cache).sum()) / n,
-                   "q_taken_mean": float(q_tot.sum()) / n, "target_mean": float(targets.sum()) / n}
+    dq_tot = masked_td_loss_backward(loss_cache)  # like q_tot
+    dchosen, mixer_grads = mixer_backward(dq_tot.reshape(-1, *dq_tot.shape[2:]), mixer_cache)
+    dq = np.zeros_like(q)  # (B, T + 1, N, A): no loss reads the Qs at t = T
+    np.put_along_axis(dq[:, :-1], batch["actions"][..., None], dchosen.reshape(chosen.shape + (1,)),
+                      axis=-1)  # the gather's transpose: a scatter
+    agent_grads = agent_backward(dq, agent_cache)
+
+    masked_td_error, n_valid = loss_cache
+    diagnostics = {"td_error_abs": float(np.abs(masked_td_error).sum()) / n_valid,
+                   "q_taken_mean": float((q_tot * (masked_td_error != 0)).sum()) / n_valid,
+                   "target_mean": float((targets * (masked_td_error != 0)).sum()) / n_valid}
     return loss, {"agent": agent_grads, "mixer": mixer_grads}, diagnostics
 
 
-def joint_q_tot(params, config, obs, state):
+def joint_q_tot(params, config, obs, state, last_actions=None):
     """Q_tot of EVERY joint action in one situation: obs (N, O), state (S,) -> (A,) * N.
 
-    For independent learners ("none") there is no Q_tot; this returns sum_i Q_i, the joint
-    utility their greedy actions maximise. Used to print tables and to check IGM by brute force.
+    last_actions (N,) feeds obs_last_action (None: the first step). For independent learners
+    ("none") there is no Q_tot; this returns sum_i Q_i, the joint utility their greedy actions
+    maximise. Used to print tables and to check IGM by brute force.
     """
-    inputs = build_agent_inputs(np.asarray(obs)[None], config.obs_agent_id, config.dtype)
-    q = agent_forward(params["agent"], inputs)[0][0]  # (N, A)
-    n_agents, n_actions = q.shape
+    n_agents = len(obs)
+    n_actions = params["agent"]["fc2.bias"].shape[-1]
+    last = np.zeros((n_agents, n_actions)) if last_actions is None else one_hot(last_actions, n_actions, float)
+    q, _ = agent_forward(params["agent"], build_agent_inputs(np.asarray(obs, float), last, config))  # (N, A)
     joint = np.indices((n_actions,) * n_agents).reshape(n_agents, -1).T  # (A^N, N)
     agent_qs = q[np.arange(n_agents), joint]  # (A^N, N)
     states = np.broadcast_to(np.asarray(state, dtype=q.dtype), (len(joint), len(state)))
-    mix_forward, _ = get_mixer(config.mixer)
-    q_tot, _ = mix_forward(params["mixer"], agent_qs, states)
+    mixer_forward, _ = get_mixer(config.mixer)
+    q_tot, _ = mixer_forward(params["mixer"], agent_qs, states)
     if q_tot.ndim == 2:
         q_tot = q_tot.sum(axis=-1)
     return q_tot.reshape((n_actions,) * n_agents)
 
 
 # ------------------------------------------------------------------------------------------
-# Optimiser and gradient clipping
+# Optimisers and gradient clipping, over ONE flat parameter vector
 # ------------------------------------------------------------------------------------------
 
 
@@ -636,8 +522,7 @@ def pack(tree):
     stay pymarl's), while the optimiser, clipping and target copies each touch one vector.
     """
     arrays = [a for inner in tree.values() for a in inner.values()]
-    dtype = np.result_type(*arrays) if arrays else np.float64
-    vector = np.concatenate([a.ravel() for a in arrays]).astype(dtype) if arrays else np.zeros(0)
+    vector = np.concatenate([a.ravel() for a in arrays]).astype(np.result_type(*arrays))
     views, offset = {}, 0
     for group, inner in tree.items():
         views[group] = {}
@@ -653,18 +538,20 @@ def flat_grad(grads, like):
 
 
 def clip_grad_norm(grad, max_norm):
-    """Scale the gradient vector in place so that its global L2 norm is at most max_norm.
+    """torch.nn.utils.clip_grad_norm_ on the gradient vector, in place: with the global L2 norm
+    ||g||, g <- g * max_norm / (||g|| + 1e-6) when that factor is below 1.
 
-    g <- g * max_norm / ||g|| when ||g|| > max_norm. Returns ||g|| before clipping.
+    Returns ||g|| before clipping (NaN or inf if an element is, or if the sum of squares overflows).
     """
     norm = math.sqrt(float(np.dot(grad, grad)))
-    if norm > max_norm:
-        grad *= max_norm / norm
+    clip_coef = max_norm / (norm + 1e-6)
+    if clip_coef < 1:
+        grad *= clip_coef
     return norm
 
 
 class Adam:
-    """Adam with PyTorch's semantics (torch.optim.Adam, no weight decay). At step t:
+    """torch.optim.Adam (no weight decay). At step t:
 
         m <- b1 m + (1 - b1) g        v <- b2 v + (1 - b2) g^2
         p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
@@ -672,29 +559,433 @@ class Adam:
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.m = np.zeros_like(params)  # first moment, shaped like params
-        self.v = np.zeros_like(params)  # second moment
+        self.state = {"exp_avg": np.zeros_like(params), "exp_avg_sq": np.zeros_like(params)}  # PyTorch's names
         self.t = 0  # steps taken
 
     def step(self, params, grad):
         """Update the array `params` in place from its gradient."""
         self.t += 1
         b1, b2 = self.betas
-        self.m *= b1
-        self.m += (1 - b1) * grad
-        self.v *= b2
-        self.v += (1 - b2) * np.square(grad)
-        denom = np.sqrt(self.v)
-        denom *= 1 / math.sqrt(1 - b2**self.t)
-        denom += self.eps
-        update = np.divide(self.m, denom, out=denom)
-        update *= self.lr / (1 - b1**self.t)
-        params -= update
+        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        m *= b1
+        m += (1 - b1) * grad
+        v *= b2
+        v += (1 - b2) * np.square(grad)
+        m_hat = m / (1 - b1**self.t)
+        v_hat = v / (1 - b2**self.t)
+        params -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+class RMSprop:
+    """torch.optim.RMSprop as pymarl uses it (no momentum, not centred):
+
+        v <- alpha v + (1 - alpha) g^2        p <- p - lr g / (sqrt(v) + eps)
+    """
+
+    def __init__(self, params, lr, alpha=0.99, eps=1e-8):
+        self.lr, self.alpha, self.eps = lr, alpha, eps
+        self.state = {"square_avg": np.zeros_like(params)}  # PyTorch's name
+        self.t = 0  # steps taken
+
+    def step(self, params, grad):
+        self.t += 1
+        v = self.state["square_avg"]
+        v *= self.alpha
+        v += (1 - self.alpha) * np.square(grad)
+        params -= self.lr * grad / (np.sqrt(v) + self.eps)
+
+
+def make_optimiser(config, params):
+    if config.optimizer == "rmsprop":
+        return RMSprop(params, config.lr, config.optim_alpha, config.optim_eps)
+    return Adam(params, config.lr, config.adam_betas, config.adam_eps)
 
 
 # ------------------------------------------------------------------------------------------
-# Replay buffer
+# Episode replay buffer (pymarl's EpisodeBatch layout)
 # ------------------------------------------------------------------------------------------
+
+
+class EpisodeBuffer:
+    """A ring of the last `capacity` episodes, every one padded to episode_limit + 1 steps.
+
+    Per episode, with T = episode_limit:
+        obs (T + 1, N, O), state (T + 1, S), avail_actions (T + 1, N, A): what the env showed
+            before each action, and after the last one;
+        actions (T, N), reward (T,), terminated (T,), filled (T,): per action; filled is 1 on
+            the steps that happened. Everything after an episode's end is 0 (padding).
+    `insert` checks the episode before writing anything and copies it in. When full, the oldest
+    episode is overwritten.
+    """
+
+    def __init__(self, capacity, episode_limit, n_agents, obs_dim, state_dim, n_actions, dtype):
+        t, n, o, s, a = episode_limit, n_agents, obs_dim, state_dim, n_actions
+        self.capacity, self.episode_limit = capacity, episode_limit
+        self.fields = {  # name -> (shape of one padded episode, dtype)
+            "obs": ((t + 1, n, o), dtype), "state": ((t + 1, s), dtype),
+            "avail_actions": ((t + 1, n, a), bool), "actions": ((t, n), np.int64),
+            "reward": ((t,), dtype), "terminated": ((t,), dtype), "filled": ((t,), dtype),
+        }
+        self.data = {k: np.zeros((capacity,) + shape, dt) for k, (shape, dt) in self.fields.items()}
+        self.size = 0  # episodes held
+        self.next_index = 0  # where the next episode goes
+
+    def __len__(self):
+        return self.size
+
+    def insert(self, episode):
+        """Store one episode: a dict of obs, state, avail_actions (its T_ep + 1 steps) and actions,
+        reward, terminated (its T_ep steps). Checked first: a refused episode stores nothing."""
+        episode = check_episode(episode, self)  # see "Input validation"
+        length = len(episode["actions"])
+        for name, array in self.data.items():
+            array[self.next_index] = 0  # padding
+            if name in episode:
+                array[self.next_index, :len(episode[name])] = episode[name]
+        self.data["filled"][self.next_index, :length] = 1
+        self.next_index = (self.next_index + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, rng):
+        """batch_size distinct episodes drawn uniformly, cut to the longest episode among them
+        (pymarl's max_t_filled): fresh arrays, T = that length."""
+        index = rng.choice(self.size, size=batch_size, replace=False)  # (B,)
+        length = int(self.data["filled"][index].sum(axis=1).max())  # the longest episode
+        return {name: array[index, :length + 1] if name in ("obs", "state", "avail_actions")
+                else array[index, :length] for name, array in self.data.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# Learner
+# ------------------------------------------------------------------------------------------
+
+COUNTERS = ("t_env", "episode", "train_steps", "last_target_update_episode", "skipped_steps")
+
+
+class Learner:
+    """Agent nets, mixer, their targets, the optimiser, the episode buffer and the run's counters.
+
+    Everything random (initialisation, exploration, sampling, episode seeds) draws from
+    `self.rng`, one Generator seeded from config.seed.
+    """
+
+    def __init__(self, config, env_info):
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a Config, got {type(config).__name__}")
+        self.config = config
+        self.env_info = check_env_info(env_info)  # n_agents, n_actions, obs_shape, state_shape, episode_limit
+        self.n_agents, self.n_actions = self.env_info["n_agents"], self.env_info["n_actions"]
+        self.obs_dim, self.state_dim = self.env_info["obs_shape"], self.env_info["state_shape"]
+        self.dtype = np.dtype(config.dtype)
+        self.rng = np.random.default_rng(config.seed)
+
+        input_dim = (self.obs_dim + (self.n_actions if config.obs_last_action else 0)
+                     + (self.n_agents if config.obs_agent_id else 0))
+        groups = None if config.shared_agent else self.n_agents
+        self.theta, self.params = pack({  # all parameters in one vector; params: named views of it
+            "agent": init_agent_params(self.rng, input_dim, config.hidden_dim, self.n_actions,
+                                       groups, self.dtype),
+            "mixer": init_mixer(self.rng, config, self.n_agents, self.state_dim),
+        })
+        self.target_theta, self.target_params = pack(self.params)
+        self.optimiser = make_optimiser(config, self.theta)
+        self.buffer = EpisodeBuffer(config.buffer_size, self.env_info["episode_limit"], self.n_agents,
+                                    self.obs_dim, self.state_dim, self.n_actions, self.dtype)
+        self.t_env = 0  # env steps taken in training
+        self.episode = 0  # training episodes finished
+        self.train_steps = 0  # gradient steps taken
+        self.last_target_update_episode = 0
+        self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient norm
+        self.last_diagnostics = None  # what the latest train_step returned
+        self.history = {key: [] for key in HISTORY_KEYS}  # per training episode (not saved)
+
+    def epsilon(self):
+        """Linear from epsilon_start to epsilon_finish over epsilon_anneal_time env steps."""
+        c = self.config
+        fraction = min(self.t_env / c.epsilon_anneal_time, 1.0)
+        return c.epsilon_start + fraction * (c.epsilon_finish - c.epsilon_start)
+
+    def select_actions(self, obs, avail_actions, last_actions=None, epsilon=0.0):
+        """Epsilon-greedy actions (N,) at one env step; random ones are uniform over AVAILABLE actions.
+
+        obs (N, O); avail_actions (N, A); last_actions (N,), each agent's previous action (None
+        at the first step of an episode); epsilon in [0, 1]. Each agent's action depends only on
+        its own inputs: execution is decentralised. epsilon 0 draws nothing from the Generator.
+        """
+        obs, avail, last_actions = check_select_actions(self, obs, avail_actions, last_actions, epsilon)
+        return self._select_actions(obs, avail, last_actions, epsilon)
+
+    def _select_actions(self, obs, avail, last_actions, epsilon):
+        """select_actions on inputs already checked."""
+        if last_actions is None:
+            last = np.zeros((self.n_agents, self.n_actions), self.dtype)
+        else:
+            last = one_hot(last_actions, self.n_actions, self.dtype)
+        q, _ = agent_forward(self.params["agent"], build_agent_inputs(obs, last, self.config))  # (N, A)
+        greedy = masked_argmax(q, avail)  # (N,)
+        if epsilon == 0:
+            return greedy
+        explore = self.rng.random(self.n_agents) < epsilon  # (N,): these agents act at random
+        random_actions = masked_argmax(self.rng.random((self.n_agents, self.n_actions)), avail)
+        return np.where(explore, random_actions, greedy)
+
+    def train_step(self):
+        """One gradient step on a batch of episodes (pymarl's QLearner.train). Returns its diagnostics.
+
+        A non-finite loss or gradient norm changes nothing: it raises FloatingPointError, or with
+        config.on_nonfinite "skip" the step is skipped and counted.
+        """
+        c = self.config
+        batch = self.buffer.sample(c.batch_size, self.rng)
+        loss, grads, diagnostics = loss_and_grads(self.params, self.target_params, batch, c)
+        grad = flat_grad(grads, self.params)  # a fresh vector: clipping it changes nothing stored
+        grad_norm = clip_grad_norm(grad, c.grad_norm_clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if c.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"train step {self.train_steps + 1}: the loss ({loss}) or the gradient's norm "
+                    f"({grad_norm}) is not finite; parameters and optimiser state are unchanged "
+                    "(Config.on_nonfinite='skip' skips such steps instead)")
+            self.skipped_steps += 1
+            return {"loss": loss, "grad_norm": grad_norm, "skipped": True, **diagnostics}
+        self.optimiser.step(self.theta, grad)
+        self.train_steps += 1
+        if (self.episode - self.last_target_update_episode) / c.target_update_interval >= 1.0:
+            self.update_targets()
+            self.last_target_update_episode = self.episode
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": False, **diagnostics}
+
+    def update_targets(self):
+        """Hard copy: target agent nets and target mixer <- online."""
+        np.copyto(self.target_theta, self.theta)
+
+    def save(self, path, include_buffer=True):
+        """Write a checkpoint (see "Checkpoint format" below): one .npz, no pickles, replaced atomically."""
+        write_checkpoint(self, path, include_buffer)
+
+    @classmethod
+    def load(cls, path, env_info=None, config=None):
+        """A Learner restored from a checkpoint written by save(), checked as untrusted input."""
+        return read_checkpoint(cls, path, env_info, config)
+
+
+# ------------------------------------------------------------------------------------------
+# Train and evaluate, for any environment with pymarl's interface
+# ------------------------------------------------------------------------------------------
+
+HISTORY_KEYS = ("t_env", "return", "length", "success", "loss")  # Learner.history, per episode
+
+
+def _reset(env, seed):
+    """env.reset(seed=seed) where the env takes a seed (pymarl's interface has none)."""
+    if seed is not None and "seed" in inspect.signature(env.reset).parameters:
+        env.reset(seed=seed)
+    else:
+        env.reset()
+
+
+def run_episode(env, learner, learn=False):
+    """Play one episode from a freshly reset env, as pymarl's EpisodeRunner.run.
+
+    learn=False: greedy, nothing stored, nothing drawn from the learner's Generator.
+    learn=True: epsilon-greedy at the epsilon of the episode's start; the episode is stored,
+    then one train step is taken once the buffer holds batch_size episodes. A time limit
+    (info["episode_limit"]) is not terminal: it is stored with terminated 0 so that the target
+    bootstraps. Returns (return, length, success); success = ended before the time limit.
+    """
+    limit = learner.env_info["episode_limit"]
+    epsilon = learner.epsilon() if learn else 0.0
+    obs, state, avail = check_observation(env, learner)  # see "Input validation"
+    episode = {"obs": [obs], "state": [state], "avail_actions": [avail], "actions": [], "reward": [],
+               "terminated": []}
+    episode_return, terminated, info, actions = 0.0, False, {}, None
+    while not terminated:
+        if len(episode["actions"]) == limit:
+            raise ValueError(f"the env ran past its episode_limit ({limit} steps, from get_env_info()) "
+                             "without terminating: step() must return terminated True at the limit, "
+                             "with info['episode_limit'] True")
+        actions = learner._select_actions(obs, avail, actions, epsilon)
+        reward, terminated, info = check_step(env.step(actions), len(episode["actions"]) + 1, limit)
+        obs, state, avail = check_observation(env, learner)
+        episode_return += reward
+        timed_out = info.get("episode_limit", False)
+        for name, value in (("actions", actions), ("reward", reward), ("terminated", terminated and not timed_out),
+                            ("obs", obs), ("state", state), ("avail_actions", avail)):
+            episode[name].append(value)
+    length = len(episode["actions"])
+    success = not info.get("episode_limit", False)
+    if learn:
+        learner.buffer.insert({name: np.array(values) for name, values in episode.items()})
+        learner.t_env += length
+        if len(learner.buffer) >= learner.config.batch_size:
+            learner.last_diagnostics = learner.train_step()
+        learner.episode += 1
+        loss = learner.last_diagnostics["loss"] if learner.last_diagnostics else float("nan")
+        for key, value in zip(HISTORY_KEYS, (learner.t_env, episode_return, length, success, loss)):
+            learner.history[key].append(value)
+    return episode_return, length, success
+
+
+class Progress:
+    """train(progress=True): a line to stderr every `seconds` with env steps, episodes, epsilon,
+    the latest loss, the return and success over the last 100 episodes, and env steps per second."""
+
+    def __init__(self, learner, seconds=5.0, stream=None):
+        self.seconds, self.stream = seconds, stream or sys.stderr
+        self.start = self.last = time.perf_counter()
+        self.start_t_env = learner.t_env
+
+    def __call__(self, learner, episode_return, length, success):
+        now = time.perf_counter()
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        h = learner.history
+        rate = (learner.t_env - self.start_t_env) / (now - self.start)
+        print(f"{learner.t_env:>9,} env steps {learner.episode:>7,} episodes  epsilon {learner.epsilon():.2f}  "
+              f"loss {h['loss'][-1]:.4f}  last 100 episodes: return {np.mean(h['return'][-100:]):.2f}, "
+              f"success {np.mean(h['success'][-100:]):.0%}  {rate:,.0f} env steps/s",
+              file=self.stream, flush=True)
+
+
+def train(env, config, learner=None, callback=None, progress=False):
+    """Train until config.t_max env steps (whole episodes); returns the Learner.
+
+    learner: continue this one (its config may differ from `config` only in t_max).
+    callback(learner, episode_return, length, success) runs after every episode; progress=True
+    prints a progress line every 5 s (a number: every that many seconds). learner.history holds,
+    per training episode: t_env, return, length, success and the latest loss.
+    Each episode's reset seed is drawn from the learner's Generator when env.reset takes one.
+    """
+    check_env(env)
+    if learner is None:
+        learner = Learner(config, env.get_env_info())
+    elif dataclasses.replace(learner.config, t_max=config.t_max) != config:
+        raise ValueError("config must equal learner.config except for t_max")
+    learner.config = config
+    callbacks = [callback] if callback is not None else []
+    if progress:
+        callbacks.append(Progress(learner, 5.0 if progress is True else progress))
+    while learner.t_env < config.t_max:
+        _reset(env, int(learner.rng.integers(2**31)))
+        result = run_episode(env, learner, learn=True)
+        for f in callbacks:
+            f(learner, *result)
+    return learner
+
+
+def evaluate(env, learner, n_episodes, seed):
+    """Greedy play on n_episodes fresh episodes with reset seeds seed, seed + 1, ...
+
+    Returns mean_return, success_rate (terminated before the time limit), mean_length, and,
+    if the env defines optimal_length() (the shortest possible length of the current episode),
+    optimality_ratio: the mean of length / optimal_length over successful episodes.
+    """
+    check_env(env)
+    returns, lengths, successes, ratios = [], [], [], []
+    for i in range(n_episodes):
+        _reset(env, seed + i)
+        optimal = env.optimal_length() if hasattr(env, "optimal_length") else None
+        episode_return, length, success = run_episode(env, learner)
+        returns.append(episode_return)
+        lengths.append(length)
+        successes.append(success)
+        if success and optimal:
+            ratios.append(length / optimal)
+    result = {"mean_return": float(np.mean(returns)), "success_rate": float(np.mean(successes)),
+              "mean_length": float(np.mean(lengths)), "episodes": n_episodes}
+    if hasattr(env, "optimal_length"):
+        result["optimality_ratio"] = float(np.mean(ratios)) if ratios else float("nan")
+    return result
+
+
+# ==========================================================================================
+# Input validation and the checkpoint format. The algorithm above calls these; it does not
+# need them to be read.
+# ==========================================================================================
+
+
+def _is_int(x, low):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
+
+
+def _is_real(x, low, high):
+    return (isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
+            and math.isfinite(x) and low <= x <= high)
+
+
+def _as_tuple(name, value):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"Config.{name} must be a sequence, got {value!r}")
+    return tuple(value)
+
+
+_CONFIG_RULES = (  # (field, test, what it must be)
+    ("mixer", lambda v: v in MIXERS, "one of 'qmix', 'vdn', 'none'"),
+    ("mixing_embed_dim", lambda v: _is_int(v, 1), "an int >= 1"),
+    ("hypernet_layers", lambda v: _is_int(v, 1) and v <= 2, "1 or 2"),
+    ("hypernet_embed", lambda v: _is_int(v, 1), "an int >= 1"),
+    ("hidden_dim", lambda v: _is_int(v, 1), "an int >= 1"),
+    ("shared_agent", lambda v: isinstance(v, bool), "True or False"),
+    ("obs_last_action", lambda v: isinstance(v, bool), "True or False"),
+    ("obs_agent_id", lambda v: isinstance(v, bool), "True or False"),
+    ("gamma", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
+    ("optimizer", lambda v: v in ("adam", "rmsprop"), "'adam' or 'rmsprop'"),
+    ("lr", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
+    ("adam_betas", lambda v: len(v) == 2 and all(_is_real(b, 0.0, 1.0) and b < 1 for b in v),
+     "two numbers in [0, 1)"),
+    ("adam_eps", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
+    ("optim_alpha", lambda v: _is_real(v, 0.0, 1.0) and v < 1, "a number in [0, 1)"),
+    ("optim_eps", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
+    ("batch_size", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
+    ("buffer_size", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
+    ("double_q", lambda v: isinstance(v, bool), "True or False"),
+    ("grad_norm_clip", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
+    ("target_update_interval", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
+    ("epsilon_start", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
+    ("epsilon_finish", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
+    ("epsilon_anneal_time", lambda v: _is_int(v, 1), "an int >= 1 (env steps)"),
+    ("t_max", lambda v: _is_int(v, 0), "an int >= 0 (env steps)"),
+    ("seed", lambda v: _is_int(v, 0), "an int >= 0"),
+    ("dtype", lambda v: v in ("float64", "float32"), "'float64' or 'float32'"),
+    ("on_nonfinite", lambda v: v in ("raise", "skip"), "'raise' or 'skip'"),
+)
+
+
+def check_config(config):
+    """Every Config field against its rule; a ValueError names the first field that breaks one."""
+    config.adam_betas = _as_tuple("adam_betas", config.adam_betas)
+    for name, ok, expected in _CONFIG_RULES:
+        value = getattr(config, name)
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ValueError(f"Config.{name} must be {expected}, got {value!r}")
+    if config.batch_size > config.buffer_size:
+        raise ValueError(f"Config.batch_size ({config.batch_size}) must be at most Config.buffer_size "
+                         f"({config.buffer_size}): a batch is that many distinct episodes")
+
+
+ENV_INFO_KEYS = ("n_agents", "n_actions", "obs_shape", "state_shape", "episode_limit")
+
+
+def check_env_info(env_info):
+    """pymarl's get_env_info() as {key: int}; shapes are flattened (obs_shape (3, 4) -> 12)."""
+    if not isinstance(env_info, dict):
+        raise TypeError(f"env_info must be a dict (pymarl's get_env_info()), got {type(env_info).__name__}")
+    missing = [k for k in ENV_INFO_KEYS if k not in env_info]
+    if missing:
+        raise ValueError(f"env_info lacks {missing} (pymarl's get_env_info() has all of {ENV_INFO_KEYS})")
+    checked = {}
+    for key in ENV_INFO_KEYS:
+        value = env_info[key]
+        size = int(np.prod(value)) if isinstance(value, (tuple, list)) else value
+        if not _is_int(size, 1) or (isinstance(value, (tuple, list)) and not all(_is_int(v, 1) for v in value)):
+            raise ValueError(f"env_info[{key!r}] must be a positive integer (or a shape of them), got {value!r}")
+        checked[key] = int(size)
+    return checked
 
 
 def _check_array(name, value, shape, kind):
@@ -714,9 +1005,9 @@ def _check_array(name, value, shape, kind):
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
     elif dtype_kind not in "biuf":
         raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
-    elif kind == "float" and dtype_kind == "f" and not all_true(np.isfinite(array)):
+    elif kind == "float" and dtype_kind == "f" and not np.isfinite(array).all():
         raise ValueError(f"{name} must be finite, got {array[~np.isfinite(array)][:3]} in it")
-    elif kind == "bool" and dtype_kind != "b" and not all_true((array == 0) | (array == 1)):
+    elif kind == "bool" and dtype_kind != "b" and not ((array == 0) | (array == 1)).all():
         raise ValueError(f"{name} must hold only 0/1 (or booleans)")
     return array
 
@@ -724,96 +1015,111 @@ def _check_array(name, value, shape, kind):
 def check_avail_actions(name, avail, n_agents, n_actions):
     """A (N, A) 0/1 mask with at least one available action per agent."""
     avail = _check_array(name, avail, (n_agents, n_actions), "bool").astype(bool, copy=False)
-    if not all_true(avail.any(axis=-1)):
+    if not avail.any(axis=-1).all():
         empty = np.flatnonzero(~avail.any(axis=-1))
         raise ValueError(f"{name}: agent(s) {empty.tolist()} have no available action")
     return avail
 
 
 def check_actions(name, actions, avail):
-    """(N,) integer actions, each in range and available under `avail` (N, A)."""
-    n_agents, n_actions = avail.shape
-    actions = _check_array(name, actions, (n_agents,), "int")
-    if actions.min() < 0 or actions.max() >= n_actions:
-        bad = np.flatnonzero((actions < 0) | (actions >= n_actions))
-        raise ValueError(f"{name} must lie in [0, {n_actions}), agent(s) {bad.tolist()} "
-                         f"chose {actions[bad].tolist()}")
-    chosen_available = avail[indices(n_agents), actions]  # (N,)
-    if not all_true(chosen_available):
-        unavailable = np.flatnonzero(~chosen_available)
-        raise ValueError(f"{name}: agent(s) {unavailable.tolist()} chose unavailable action(s) "
-                         f"{actions[unavailable].tolist()}")
+    """(..., N) integer actions, each in range and available under `avail` (..., N, A)."""
+    n_actions = avail.shape[-1]
+    actions = _check_array(name, actions, avail.shape[:-1], "int")
+    out_of_range = (actions < 0) | (actions >= n_actions)
+    if out_of_range.any():
+        raise ValueError(f"{name} must lie in [0, {n_actions}), got {actions[out_of_range].tolist()}")
+    chosen_available = take(avail, actions)
+    if not chosen_available.all():
+        where = np.argwhere(~chosen_available)
+        raise ValueError(f"{name}: unavailable action(s) {actions[~chosen_available].tolist()} chosen "
+                         f"(at index {where[:, -1].tolist()} of the agent axis)")
     return actions
 
 
-class ReplayBuffer:
-    """A ring of the last `capacity` transitions, in arrays allocated once.
-
-    `add` copies its arguments in (a caller mutating them later changes nothing stored) after
-    checking every one of them, so a rejected call stores nothing. When full, the oldest
-    transition is overwritten. `sample` draws uniformly with the caller's Generator.
-    """
-
-    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, dtype=np.float64):
-        n, o, s, a = n_agents, obs_dim, state_dim, n_actions
-        self.capacity = capacity
-        self.spec = {  # field -> (shape of one transition, checked kind, stored dtype)
-            "obs": ((n, o), "float", dtype), "state": ((s,), "float", dtype),
-            "actions": ((n,), "int", np.int64), "avail_actions": ((n, a), "bool", bool),
-            "reward": ((), "float", dtype), "terminated": ((), "bool", bool),
-            "next_obs": ((n, o), "float", dtype), "next_state": ((s,), "float", dtype),
-            "next_avail_actions": ((n, a), "bool", bool),
-        }
-        self.data = {k: np.zeros((capacity,) + shape, dt) for k, (shape, _, dt) in self.spec.items()}
-        self.size = 0  # transitions held
-        self.next_index = 0  # where the next transition goes
-
-    def __len__(self):
-        return self.size
-
-    def add(self, obs, state, actions, avail_actions, reward, terminated, next_obs, next_state,
-            next_avail_actions):
-        """Store one transition; every argument is checked before anything is written."""
-        given = dict(obs=obs, state=state, actions=actions, avail_actions=avail_actions,
-                     reward=reward, terminated=terminated, next_obs=next_obs,
-                     next_state=next_state, next_avail_actions=next_avail_actions)
-        n, a = self.spec["avail_actions"][0]
-        checked = {k: _check_array(k, v, self.spec[k][0], self.spec[k][1]) for k, v in given.items()}
-        checked["avail_actions"] = check_avail_actions("avail_actions", avail_actions, n, a)
-        checked["next_avail_actions"] = check_avail_actions("next_avail_actions", next_avail_actions, n, a)
-        checked["actions"] = check_actions("actions", actions, checked["avail_actions"])
-        self._write(checked)
-
-    def _write(self, transition):
-        """Store a transition whose every field has been checked (by add, or as it left the env)."""
-        for key, value in transition.items():
-            self.data[key][self.next_index] = value
-        self.next_index = (self.next_index + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
-
-    def sample(self, batch_size, rng):
-        """batch_size transitions drawn uniformly (with replacement), as fresh arrays."""
-        if self.size == 0:
-            raise ValueError("cannot sample from an empty replay buffer")
-        return self._gather(rng.integers(0, self.size, size=batch_size))
-
-    def in_order(self):
-        """Every stored transition, oldest first."""
-        start = self.next_index if self.size == self.capacity else 0
-        return self._gather((start + np.arange(self.size)) % self.capacity)
-
-    def _gather(self, index):
-        return {key: array.take(index, axis=0) for key, array in self.data.items()}
+def check_select_actions(learner, obs, avail_actions, last_actions, epsilon):
+    """select_actions' arguments, checked: (obs, avail as bool, last_actions or None)."""
+    if not _is_real(epsilon, 0.0, 1.0):
+        raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
+    obs = _check_array("obs", obs, (learner.n_agents, learner.obs_dim), "float")
+    avail = check_avail_actions("avail_actions", avail_actions, learner.n_agents, learner.n_actions)
+    if last_actions is not None:
+        last_actions = _check_array("last_actions", last_actions, (learner.n_agents,), "int")
+        if last_actions.min() < 0 or last_actions.max() >= learner.n_actions:
+            raise ValueError(f"last_actions must lie in [0, {learner.n_actions}), got {last_actions.tolist()}")
+    return obs, avail, last_actions
 
 
-# ------------------------------------------------------------------------------------------
-# Checkpoint format: named arrays in one .npz, no pickles, a SHA-256 digest over all of them
-# ------------------------------------------------------------------------------------------
+ENV_METHODS = ("reset", "step", "get_obs", "get_state", "get_avail_actions", "get_env_info")
 
-ENV_INFO_KEYS = ("n_agents", "n_actions", "obs_shape", "state_shape", "episode_limit")
-COUNTERS = ("t_env", "episode", "train_steps", "last_target_update_episode", "skipped_steps")
+
+def check_env(env):
+    """Refuse an object without pymarl's MultiAgentEnv methods, saying what the interface is."""
+    missing = [name for name in ENV_METHODS if not callable(getattr(env, name, None))]
+    if missing:
+        hint = (" It looks like a PettingZoo ParallelEnv: wrap it in an adapter that gives pymarl's "
+                "interface." if hasattr(env, "possible_agents") else "")
+        raise TypeError(f"env lacks {missing}: qmix_np drives environments with pymarl's interface, "
+                        f"{', '.join(ENV_METHODS)} (see envs.MultiAgentEnv).{hint}")
+
+
+def check_observation(env, learner):
+    """The env's (obs (N, O), state (S,), avail_actions (N, A) as bool), each checked."""
+    n, o, s, a = learner.n_agents, learner.obs_dim, learner.state_dim, learner.n_actions
+    return (_check_array("env.get_obs()", env.get_obs(), (n, o), "float"),
+            _check_array("env.get_state()", env.get_state(), (s,), "float"),
+            check_avail_actions("env.get_avail_actions()", env.get_avail_actions(), n, a))
+
+
+def check_step(result, length, episode_limit):
+    """env.step()'s (reward, terminated, info), checked; warns (once) if an episode that stops
+    at the limit does not say whether it was the limit."""
+    if not isinstance(result, tuple) or len(result) != 3:
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+        raise ValueError(f"env.step(actions) must return (reward, terminated, info) as pymarl's "
+                         f"MultiAgentEnv does, got {got}" + (" (a Gymnasium-style step? wrap it so "
+                         "that a truncation becomes info['episode_limit'] = True)" if got == "a tuple of 5" else ""))
+    reward, terminated, info = result
+    reward = float(_check_array("the reward from env.step()", reward, (), "float"))
+    if not isinstance(terminated, (bool, np.bool_)):
+        raise TypeError(f"terminated from env.step() must be a bool, got {terminated!r}")
+    if not isinstance(info, dict):
+        raise TypeError(f"info from env.step() must be a dict, got {type(info).__name__}")
+    if terminated and length == episode_limit and "episode_limit" not in info:
+        warnings.warn(f"an episode ended at episode_limit ({episode_limit} steps) with terminated True "
+                      "and no info['episode_limit']: it is treated as terminal (no bootstrap) and as a "
+                      "success. Set info['episode_limit'] = True when the time limit ends an episode.",
+                      stacklevel=4)
+    return reward, bool(terminated), info
+
+
+def check_episode(episode, buffer):
+    """An episode for EpisodeBuffer.insert: every field's shape and values, before anything is
+    written. Returns the checked arrays."""
+    if not isinstance(episode, dict) or set(episode) != {"obs", "state", "avail_actions", "actions",
+                                                          "reward", "terminated"}:
+        raise ValueError("an episode is a dict of obs, state, avail_actions, actions, reward, terminated")
+    length = len(episode["actions"])
+    if not 1 <= length <= buffer.episode_limit:
+        raise ValueError(f"an episode must have 1 to episode_limit ({buffer.episode_limit}) steps, got {length}")
+    checked = {}
+    for name, kind in (("obs", "float"), ("state", "float"), ("avail_actions", "bool"),
+                       ("reward", "float"), ("terminated", "bool")):
+        shape = buffer.fields[name][0]
+        steps = length + 1 if name in ("obs", "state", "avail_actions") else length
+        checked[name] = _check_array(f"episode[{name!r}]", episode[name], (steps,) + shape[1:], kind)
+    avail = checked["avail_actions"].astype(bool)
+    if not avail.any(axis=-1).all():
+        raise ValueError("episode['avail_actions']: a step where an agent has no available action")
+    checked["actions"] = check_actions("episode['actions']", episode["actions"], avail[:-1])
+    if checked["terminated"][:-1].any():
+        raise ValueError("episode['terminated']: only the last step of an episode can be terminal")
+    return checked
+
+
+# --- Checkpoint format: named arrays in one .npz, no pickles, a SHA-256 digest over all of them
+
 CHECKPOINT_FORMAT = "qmix-np checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the episode buffer; 1 (transition replay) is refused
 
 
 def _digest(arrays):
@@ -826,7 +1132,48 @@ def _digest(arrays):
     return h.hexdigest()
 
 
-def _read_checkpoint(path):
+def state_arrays(learner, include_buffer=True):
+    """Everything a run needs to continue bit for bit, as named arrays (no Python objects)."""
+    arrays = {
+        "format": np.array(CHECKPOINT_FORMAT), "version": np.array(CHECKPOINT_VERSION),
+        "config": np.array(json.dumps(dataclasses.asdict(learner.config))),
+        "env_info": np.array(json.dumps(learner.env_info)),
+        "theta": learner.theta, "target_theta": learner.target_theta,
+        **{f"optim/{k}": v for k, v in learner.optimiser.state.items()},
+        "optim_t": np.array(learner.optimiser.t),
+        "counters": np.array([getattr(learner, name) for name in COUNTERS], dtype=np.int64),
+        "rng_state": np.array(json.dumps(learner.rng.bit_generator.state)),
+    }
+    if include_buffer:
+        arrays["buffer_position"] = np.array([learner.buffer.size, learner.buffer.next_index], dtype=np.int64)
+        arrays.update({f"buffer/{k}": v for k, v in learner.buffer.data.items()})
+    return arrays
+
+
+def write_checkpoint(learner, path, include_buffer=True):
+    """One .npz (allow_pickle=False) holding the config, parameters and targets, the optimiser's
+    state, the counters, the Generator's state, optionally the episode buffer, and a SHA-256
+    digest of all of it. Written to a temporary file in the same folder and renamed over `path`,
+    so a crash mid-save leaves any previous checkpoint at `path` intact."""
+    path = pathlib.Path(path)
+    arrays = state_arrays(learner, include_buffer)
+    arrays["sha256"] = np.array(_digest(arrays))
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            with zipfile.ZipFile(f, "w") as archive:
+                for key, value in arrays.items():
+                    with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_arrays(path):
     """Every array of a checkpoint file, checked for format, version, keys and digest."""
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -838,330 +1185,82 @@ def _read_checkpoint(path):
     if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a qmix-np checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
     version = arrays.get("version")
-    if version is None or version.shape != () or int(version) != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {version}, this code reads {CHECKPOINT_VERSION}")
-    required = {"format", "version", "config", "env_info", "theta", "target_theta", "adam_m",
-                "adam_v", "adam_t", "counters", "rng_state", "sha256"}
+    if version is None or version.shape != () or version.dtype.kind not in "iu":
+        raise ValueError(f"{path}: no integer format version")
+    if int(version) != CHECKPOINT_VERSION:
+        older = " (version 1 held single transitions, before the episode learner)" if int(version) == 1 else ""
+        raise ValueError(f"{path}: checkpoint format version {int(version)}{older}; this code reads "
+                         f"version {CHECKPOINT_VERSION} only")
+    required = {"format", "version", "config", "env_info", "theta", "target_theta", "optim_t",
+                "counters", "rng_state", "sha256"}
     missing = required - set(arrays)
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)}")
     stored = str(arrays.pop("sha256"))
     if _digest(arrays) != stored:
-        raise ValueError(f"{path}: the contents do not match the stored SHA-256 digest (tampered or corrupt)")
+        raise ValueError(f"{path}: the contents do not match the stored SHA-256 digest (corrupt)")
     return arrays
 
 
-# ------------------------------------------------------------------------------------------
-# Learner
-# ------------------------------------------------------------------------------------------
-
-
-class Learner:
-    """Agent nets, mixer, their targets, Adam, the replay buffer and the run's counters.
-
-    Everything random (initialisation, exploration, sampling, episode seeds) draws from
-    `self.rng`, one Generator seeded from config.seed.
-    """
-
-    def __init__(self, config, env_info):
-        if not isinstance(config, Config):
-            raise TypeError(f"config must be a Config, got {type(config).__name__}")
-        missing = [k for k in ENV_INFO_KEYS if k not in env_info]
-        if missing:
-            raise ValueError(f"env_info lacks {missing} (pymarl's get_env_info() has all of {ENV_INFO_KEYS})")
-        self.config = config
-        self.env_info = {k: int(np.prod(env_info[k])) for k in ENV_INFO_KEYS}
-        self.n_agents = int(env_info["n_agents"])
-        self.n_actions = int(env_info["n_actions"])
-        self.obs_dim = int(np.prod(env_info["obs_shape"]))
-        self.state_dim = int(np.prod(env_info["state_shape"]))
-        self.dtype = np.dtype(config.dtype)
-        self.rng = np.random.default_rng(config.seed)
-
-        input_dim = self.obs_dim + (self.n_agents if config.obs_agent_id else 0)
-        groups = None if config.shared_agent else self.n_agents
-        self.theta, self.params = pack({  # all parameters in one vector; params: named views
-            "agent": init_agent_params(self.rng, input_dim, config.agent_hidden_dims,
-                                       self.n_actions, groups, self.dtype),
-            "mixer": init_mixer(self.rng, config, self.n_agents, self.state_dim),
-        })
-        self.target_theta, self.target_params = pack(self.params)
-        self.optimiser = Adam(self.theta, config.lr, config.adam_betas, config.adam_eps)
-        self.buffer = ReplayBuffer(config.buffer_size, self.n_agents, self.obs_dim,
-                                   self.state_dim, self.n_actions, self.dtype)
-        self.t_env = 0  # env steps taken in training
-        self.episode = 0  # training episodes finished
-        self.train_steps = 0  # gradient steps taken
-        self.last_target_update_episode = 0
-        self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient norm
-        self.last_diagnostics = None  # what the latest train_step returned
-
-    def epsilon(self):
-        """Linear from epsilon_start to epsilon_finish over epsilon_anneal_time env steps."""
-        c = self.config
-        fraction = min(self.t_env / c.epsilon_anneal_time, 1.0)
-        return c.epsilon_start + fraction * (c.epsilon_finish - c.epsilon_start)
-
-    def select_actions(self, obs, avail_actions, epsilon=0.0):
-        """Epsilon-greedy actions (N,) for one env step; random ones are uniform over AVAILABLE actions.
-
-        obs (N, O), avail_actions (N, A), epsilon in [0, 1]. epsilon 0 is greedy and draws nothing
-        from the Generator.
-        """
-        if not _is_real(epsilon, 0.0, 1.0):
-            raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
-        obs = _check_array("obs", obs, (self.n_agents, self.obs_dim), "float")
-        avail = check_avail_actions("avail_actions", avail_actions, self.n_agents, self.n_actions)
-        return self._select_actions(obs, avail, epsilon)
-
-    def _select_actions(self, obs, avail, epsilon):
-        """select_actions on inputs already checked: obs (N, O) finite, avail (N, A) bool."""
-        if epsilon == 0:
-            return self._greedy_actions(obs, avail)
-        explore = self.rng.random(self.n_agents) < epsilon  # (N,): these agents act at random
-        random_actions = masked_argmax(self.rng.random((self.n_agents, self.n_actions)), avail)
-        if all_true(explore):  # no agent needs the network: most steps while epsilon is near 1
-            return random_actions
-        return np.where(explore, random_actions, self._greedy_actions(obs, avail))
-
-    def _greedy_actions(self, obs, avail):
-        """Each agent's argmax over its available actions: obs (N, O), avail (N, A) -> (N,)."""
-        inputs = build_agent_inputs(obs[None], self.config.obs_agent_id, self.dtype)  # (1, N, I)
-        q, _ = agent_forward(self.params["agent"], inputs)
-        return masked_argmax(q[0], avail)
-
-    def train_step(self):
-        """One gradient step on a sampled batch. Returns its diagnostics."""
-        c = self.config
-        batch = self.buffer.sample(c.batch_size, self.rng)
-        loss, grads, diagnostics = loss_and_grads(self.params, self.target_params, batch, c)
-        grad = flat_grad(grads, self.params)  # a fresh vector: clipping it changes nothing stored
-        grad_norm = clip_grad_norm(grad, c.grad_norm_clip)  # NaN/inf if an element is, or if g.g overflows
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # nothing is updated below
-            if c.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"train step {self.train_steps + 1}: the loss ({loss}) or the gradient's norm "
-                    f"({grad_norm}) is not finite; parameters and optimiser state are unchanged "
-                    "(Config.on_nonfinite='skip' skips such steps instead)")
-            self.skipped_steps += 1
-            return {"loss": loss, "grad_norm": grad_norm, "skipped": True, **diagnostics}
-        self.optimiser.step(self.theta, grad)
-        self.train_steps += 1
-        return {"loss": loss, "grad_norm": grad_norm, "skipped": False, **diagnostics}
-
-    def end_episode(self):
-        """Count a finished training episode; refresh the targets every target_update_interval."""
-        self.episode += 1
-        if self.episode - self.last_target_update_episode >= self.config.target_update_interval:
-            self.update_targets()
-            self.last_target_update_episode = self.episode
-
-    def update_targets(self):
-        """Hard copy: target agent nets and target mixer <- online."""
-        np.copyto(self.target_theta, self.theta)
-
-    # --- checkpoints -------------------------------------------------------------------------
-
-    def state_arrays(self, include_buffer=True):
-        """Everything a run needs to continue bit for bit, as named arrays (no Python objects)."""
-        arrays = {
-            "format": np.array(CHECKPOINT_FORMAT), "version": np.array(CHECKPOINT_VERSION),
-            "config": np.array(json.dumps(dataclasses.asdict(self.config))),
-            "env_info": np.array(json.dumps(self.env_info)),
-            "theta": self.theta, "target_theta": self.target_theta,
-            "adam_m": self.optimiser.m, "adam_v": self.optimiser.v, "adam_t": np.array(self.optimiser.t),
-            "counters": np.array([getattr(self, name) for name in COUNTERS], dtype=np.int64),
-            "rng_state": np.array(json.dumps(self.rng.bit_generator.state)),
-        }
-        if include_buffer:
-            arrays["buffer_position"] = np.array([self.buffer.size, self.buffer.next_index], dtype=np.int64)
-            arrays.update({f"buffer/{k}": v for k, v in self.buffer.data.items()})
-        return arrays
-
-    def save(self, path, include_buffer=True):
-        """Write a checkpoint: one .npz (allow_pickle=False), replaced atomically.
-
-        It holds the config, parameters and targets, Adam's moments and step count, the counters,
-        the Generator's state, optionally the replay buffer, and a SHA-256 digest of all of it.
-        It is written to a temporary file in the same folder and then renamed over `path`, so a
-        crash mid-save leaves any previous checkpoint at `path` intact.
-        """
-        path = pathlib.Path(path)
-        arrays = self.state_arrays(include_buffer)
-        arrays["sha256"] = np.array(_digest(arrays))
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as f:
-                with zipfile.ZipFile(f, "w") as archive:
-                    for key, value in arrays.items():
-                        with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
-                            np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path, env_info=None, config=None):
-        """A Learner restored from a checkpoint written by save().
-
-        Never unpickles. Refuses (ValueError, saying what is wrong) a file that is not a complete
-        qmix-np checkpoint of this format version, whose digest does not match its contents, or
-        whose arrays do not have the shapes and dtypes its config implies; and, if given, an
-        env_info or config that differs from the checkpoint's (config may differ in t_max).
-        """
-        arrays = _read_checkpoint(path)
-        try:
-            saved_config = Config(**json.loads(str(arrays["config"])))
-            saved_env_info = json.loads(str(arrays["env_info"]))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: the stored config or env_info is invalid: {err}") from None
-        if env_info is not None:
-            wanted = {k: int(np.prod(env_info[k])) for k in ENV_INFO_KEYS}
-            if wanted != saved_env_info:
-                raise ValueError(f"{path}: the checkpoint is for an environment with {saved_env_info}, "
-                                 f"not {wanted}")
-        if config is not None and dataclasses.replace(config, t_max=saved_config.t_max) != saved_config:
-            differ = [f.name for f in dataclasses.fields(Config)
-                      if f.name != "t_max" and getattr(config, f.name) != getattr(saved_config, f.name)]
-            raise ValueError(f"{path}: the checkpoint's config differs in {differ}")
-        learner = cls(saved_config if config is None else config, saved_env_info)
-        learner._restore(path, arrays)
-        return learner
-
-    def _restore(self, path, arrays):
-        expected = self.state_arrays(include_buffer="buffer_position" in arrays)
-        unexpected = set(arrays) - set(expected)
-        if unexpected:
-            raise ValueError(f"{path}: unexpected entries {sorted(unexpected)}")
-        for key, value in expected.items():
-            if key in ("format", "version", "config", "env_info", "rng_state"):
-                continue
-            got = arrays[key]
-            if got.shape != value.shape or got.dtype != value.dtype:
-                raise ValueError(f"{path}: {key} has shape {got.shape} and dtype {got.dtype}, but this "
-                                 f"config needs shape {value.shape} and dtype {value.dtype}")
-        for key in ("theta", "target_theta", "adam_m", "adam_v"):
-            if not np.isfinite(arrays[key]).all():
-                raise ValueError(f"{path}: {key} holds non-finite values")
-        counters, adam_t = arrays["counters"], int(arrays["adam_t"])
-        if counters.min() < 0 or adam_t < 0:
-            raise ValueError(f"{path}: negative counters {counters.tolist()} or Adam step {adam_t}")
-        try:
-            self.rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
-        except (TypeError, ValueError, KeyError) as err:
-            raise ValueError(f"{path}: the stored Generator state is invalid: {err}") from None
-        if "buffer_position" in arrays:
-            size, next_index = (int(v) for v in arrays["buffer_position"])
-            capacity = self.buffer.capacity
-            if not (0 <= size <= capacity and 0 <= next_index < capacity
-                    and (size == capacity or next_index == size)):
-                raise ValueError(f"{path}: buffer size {size} and next index {next_index} are "
-                                 f"inconsistent with capacity {capacity}")
-            for key in self.buffer.data:
-                self.buffer.data[key][...] = arrays[f"buffer/{key}"]
-            self.buffer.size, self.buffer.next_index = size, next_index
-        self.theta[...], self.target_theta[...] = arrays["theta"], arrays["target_theta"]
-        self.optimiser.m[...], self.optimiser.v[...] = arrays["adam_m"], arrays["adam_v"]
-        self.optimiser.t = adam_t
-        for name, value in zip(COUNTERS, counters.tolist()):
-            setattr(self, name, value)
-
-
-# ------------------------------------------------------------------------------------------
-# Train and evaluate, for any environment with pymarl's interface
-# ------------------------------------------------------------------------------------------
-
-
-def _reset(env, seed):
-    """env.reset(seed=seed) where the env takes a seed (pymarl's interface has none)."""
-    if seed is not None and "seed" in inspect.signature(env.reset).parameters:
-        env.reset(seed=seed)
-    else:
-        env.reset()
-
-
-def observe(env, learner):
-    """The env's (obs, state, avail_actions), each checked once, here, as it enters the loop."""
-    n, o, s, a = learner.n_agents, learner.obs_dim, learner.state_dim, learner.n_actions
-    return (_check_array("env.get_obs()", env.get_obs(), (n, o), "float"),
-            _check_array("env.get_state()", env.get_state(), (s,), "float"),
-            check_avail_actions("env.get_avail_actions()", env.get_avail_actions(), n, a))
-
-
-def run_episode(env, learner, learn=False):
-    """Play one episode from a freshly reset env; returns (return, length, success).
-
-    learn=False: greedy, nothing stored, nothing drawn from the learner's Generator.
-    learn=True: epsilon-greedy; each transition is stored and followed by one train step once
-    the buffer holds a batch. A time limit (info["episode_limit"]) is not terminal: it is stored
-    with terminated False so that the target bootstraps. Success = ended before the time limit.
-    """
-    obs, state, avail = observe(env, learner)
-    episode_return, length, terminated, info = 0.0, 0, False, {}
-    while not terminated:
-        epsilon = learner.epsilon() if learn else 0.0
-        actions = learner._select_actions(obs, avail, epsilon)
-        reward, terminated, info = env.step(actions)
-        reward = float(_check_array("reward", reward, (), "float"))
-        episode_return += reward
-        length += 1
-        next_obs, next_state, next_avail = observe(env, learner)
-        if learn:
-            truly_terminal = bool(terminated) and not info.get("episode_limit", False)
-            learner.buffer._write(dict(obs=obs, state=state, actions=actions, avail_actions=avail,
-                                       reward=reward, terminated=truly_terminal, next_obs=next_obs,
-                                       next_state=next_state, next_avail_actions=next_avail))
-            learner.t_env += 1
-            if len(learner.buffer) >= learner.config.batch_size:
-                learner.last_diagnostics = learner.train_step()
-        obs, state, avail = next_obs, next_state, next_avail
-    if learn:
-        learner.end_episode()
-    return episode_return, length, not info.get("episode_limit", False)
-
-
-def train(env, config, learner=None, callback=None):
-    """Train until config.t_max env steps (whole episodes); returns the Learner.
-
-    learner: continue this one (its config may differ from `config` only in t_max).
-    callback(learner, episode_return, length, success) runs after every episode.
-    Each episode's reset seed is drawn from the learner's Generator when env.reset takes one.
-    """
-    if learner is None:
-        learner = Learner(config, env.get_env_info())
-    elif dataclasses.replace(learner.config, t_max=config.t_max) != config:
-        raise ValueError("config must equal learner.config except for t_max")
-    learner.config = config
-    while learner.t_env < config.t_max:
-        _reset(env, int(learner.rng.integers(2**31)))
-        result = run_episode(env, learner, learn=True)
-        if callback is not None:
-            callback(learner, *result)
+def read_checkpoint(learner_class, path, env_info=None, config=None):
+    """A Learner restored from `path`. Never unpickles. Refuses (ValueError, saying what is
+    wrong) a file that is not a complete qmix-np checkpoint of this format version, whose digest
+    does not match its contents, or whose arrays do not have the shapes and dtypes its config
+    implies; and, if given, an env_info or config that differs from the checkpoint's (config may
+    differ in t_max)."""
+    arrays = _read_arrays(path)
+    try:
+        saved_config = Config(**json.loads(str(arrays["config"])))
+        saved_env_info = check_env_info(json.loads(str(arrays["env_info"])))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the stored config or env_info is invalid: {err}") from None
+    if env_info is not None and check_env_info(env_info) != saved_env_info:
+        raise ValueError(f"{path}: the checkpoint is for an environment with {saved_env_info}, "
+                         f"not {check_env_info(env_info)}")
+    if config is not None and dataclasses.replace(config, t_max=saved_config.t_max) != saved_config:
+        differ = [f.name for f in dataclasses.fields(Config)
+                  if f.name != "t_max" and getattr(config, f.name) != getattr(saved_config, f.name)]
+        raise ValueError(f"{path}: the checkpoint's config differs in {differ}")
+    learner = learner_class(saved_config if config is None else config, saved_env_info)
+    _restore(learner, path, arrays)
     return learner
 
 
-def evaluate(env, learner, n_episodes, seed):
-    """Greedy play on n_episodes fresh episodes with reset seeds seed, seed + 1, ...
-
-    Returns mean_return, success_rate (terminated before the time limit), mean_length, and,
-    if the env defines optimal_length() (the shortest possible length of the current episode),
-    optimality_ratio: the mean of length / optimal_length over successful episodes.
-    """
-    returns, lengths, successes, ratios = [], [], [], []
-    for i in range(n_episodes):
-        _reset(env, seed + i)
-        optimal = env.optimal_length() if hasattr(env, "optimal_length") else None
-        episode_return, length, success = run_episode(env, learner)
-        returns.append(episode_return)
-        lengths.append(length)
-        successes.append(success)
-        if success and optimal:
-            ratios.append(length / optimal)
-    result = {"mean_return": float(np.mean(returns)), "success_rate": float(np.mean(successes)),
-              "mean_length": float(np.mean(lengths)), "episodes": n_episodes}
-    if hasattr(env, "optimal_length"):
-        result["optimality_ratio"] = float(np.mean(ratios)) if ratios else float("nan")
-    return result
+def _restore(learner, path, arrays):
+    expected = state_arrays(learner, include_buffer="buffer_position" in arrays)
+    unexpected, missing = set(arrays) - set(expected), set(expected) - set(arrays)
+    if unexpected or missing:
+        raise ValueError(f"{path}: unexpected entries {sorted(unexpected)}, missing {sorted(missing)}")
+    for key, value in expected.items():
+        if key in ("format", "version", "config", "env_info", "rng_state"):
+            continue
+        got = arrays[key]
+        if got.shape != value.shape or got.dtype != value.dtype:
+            raise ValueError(f"{path}: {key} has shape {got.shape} and dtype {got.dtype}, but this "
+                             f"config needs shape {value.shape} and dtype {value.dtype}")
+    for key in ("theta", "target_theta", *(f"optim/{k}" for k in learner.optimiser.state)):
+        if not np.isfinite(arrays[key]).all():
+            raise ValueError(f"{path}: {key} holds non-finite values")
+    counters, optim_t = arrays["counters"], int(arrays["optim_t"])
+    if counters.min() < 0 or optim_t < 0:
+        raise ValueError(f"{path}: negative counters {counters.tolist()} or optimiser step {optim_t}")
+    try:
+        learner.rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: the stored Generator state is invalid: {err}") from None
+    if "buffer_position" in arrays:
+        size, next_index = (int(v) for v in arrays["buffer_position"])
+        capacity = learner.buffer.capacity
+        if not (0 <= size <= capacity and 0 <= next_index < capacity
+                and (size == capacity or next_index == size)):
+            raise ValueError(f"{path}: buffer size {size} and next index {next_index} are "
+                             f"inconsistent with capacity {capacity}")
+        for key in learner.buffer.data:
+            learner.buffer.data[key][...] = arrays[f"buffer/{key}"]
+        learner.buffer.size, learner.buffer.next_index = size, next_index
+    learner.theta[...], learner.target_theta[...] = arrays["theta"], arrays["target_theta"]
+    for key, value in learner.optimiser.state.items():
+        value[...] = arrays[f"optim/{key}"]
+    learner.optimiser.t = optim_t
+    for name, value in zip(COUNTERS, counters.tolist()):
+        setattr(learner, name, value)

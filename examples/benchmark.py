@@ -1,49 +1,49 @@
-"""What every part of qmix_np costs, on this machine.
+"""What qmix_np's parts cost, on this machine.
 
-Times (median and spread after warm-up) of one full train step (sample + forward + backward +
-clip + Adam) at several sizes, of action selection, of Meeting Gridworld's step, and the
-end-to-end training throughput on Meeting Gridworld. `--torch` also times an equivalent PyTorch
-train step in the same run, if PyTorch is installed (it is never a dependency).
+Times (median and spread after warm-up) of one full train step (sample a batch of episodes,
+forward and backward of the masked TD loss, clip, Adam) at several sizes, of greedy action
+selection, and end-to-end training on Meeting Gridworld 5x5 with examples/meeting_gridworld.py's
+settings. `--torch` also times, in the same run, the same train step in PyTorch: the restatement
+of pymarl's QLearner.train in test_pymarl_parity.py (shown there to compute the same numbers),
+on the same weights and batch. PyTorch is never a dependency (pip install torch==2.13.0 gives
+the CPU build on these machines).
 
-BLAS runs with one thread unless --threads says otherwise: at these sizes two threads were
-slower here. The thread count is set before NumPy is imported.
-
-Each train-step row also gives the minor page faults per step (Unix): memory the process had to
-map afresh. glibc's malloc may hand a step's temporaries back to the OS and fault them in again
-on the next step; where this column is not 0, the README's allocator settings remove that cost.
+BLAS runs on one thread unless --threads says otherwise (set before NumPy is imported).
 
     python examples/benchmark.py                  # table
     python examples/benchmark.py --json           # one JSON object
-    python examples/benchmark.py --torch --reps 500
-    python examples/benchmark.py --sizes 2,6,5,4,32 4,10,6,20,64 --dtype float64
-    MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728 python examples/benchmark.py
+    python examples/benchmark.py --torch
+    python examples/benchmark.py --sizes 2,6,5,4,32,50 8,30,10,60,32,50 --dtype float64
 """
 import argparse
 import os
 import sys
 
-SIZES = ["2,6,5,4,32", "2,6,5,4,256", "8,30,10,60,32", "8,30,10,60,256"]  # N, O, A, S, B
-BUFFER_FILL = 2000  # transitions in the buffer the timed train steps sample from
+SIZES = ["2,6,5,4,32,10", "2,6,5,4,32,50", "8,30,10,60,32,50"]  # N, O, A, S, B episodes, T steps
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default in --help."""
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=SIZES, metavar="N,O,A,S,B",
-                        help="train-step sizes: agents, obs dim, actions, state dim, batch")
-    parser.add_argument("--reps", type=int, default=300, help="timed repetitions (>= 200 recommended)")
-    parser.add_argument("--warmup", type=int, default=30, help="untimed repetitions first")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser.add_argument("--sizes", nargs="+", default=SIZES, metavar="N,O,A,S,B,T",
+                        help="train-step sizes: agents, obs dim, actions, state dim, episodes, steps")
+    parser.add_argument("--reps", type=int, default=100, help="timed repetitions")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed repetitions first")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="training dtype")
     parser.add_argument("--threads", type=int, default=1, help="BLAS (and torch) threads")
-    parser.add_argument("--e2e-steps", type=int, default=5000, help="env steps of the end-to-end run")
+    parser.add_argument("--e2e-steps", type=int, default=20000, help="env steps of the end-to-end run")
     parser.add_argument("--torch", action="store_true", help="also time PyTorch (if installed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     try:
         args.sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
     except ValueError:
-        parser.error("--sizes takes N,O,A,S,B groups of five integers")
-    if any(len(s) != 5 or min(s) < 1 for s in args.sizes):
-        parser.error("--sizes takes N,O,A,S,B groups of five integers >= 1")
+        parser.error("--sizes takes N,O,A,S,B,T groups of six integers")
+    if any(len(s) != 6 or min(s) < 1 for s in args.sizes):
+        parser.error("--sizes takes N,O,A,S,B,T groups of six integers >= 1")
     if args.reps < 1 or args.warmup < 0 or args.threads < 1 or args.e2e_steps < 100:
         parser.error("--reps and --threads must be >= 1, --warmup >= 0, --e2e-steps >= 100")
     return args
@@ -59,160 +59,87 @@ import pathlib  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
-try:
-    import resource  # noqa: E402  (Unix only)
-except ImportError:
-    resource = None
-
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a clone, installed or not
+sys.path.insert(0, str(HERE))
 import envs  # noqa: E402
+import meeting_gridworld  # noqa: E402
 import qmix_np as q  # noqa: E402
 
 
-def page_faults():
-    """Minor page faults of this process so far, or None where the OS does not count them."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else None
-
-
 def timings(fn, reps, warmup):
-    """Median, 10th and 90th percentile of fn()'s wall time, in microseconds, and the minor page
-    faults per call (memory the OS had to map afresh: see the README's note on malloc)."""
+    """Median, 10th and 90th percentile of fn()'s wall time, in microseconds."""
     for _ in range(warmup):
         fn()
     times = np.empty(reps)
-    faults_before = page_faults()
     for i in range(reps):
         start = time.perf_counter()
         fn()
         times[i] = time.perf_counter() - start
-    faults = None if faults_before is None else round((page_faults() - faults_before) / reps, 1)
     p10, median, p90 = np.percentile(times * 1e6, [10, 50, 90])
-    return {"median_us": round(median, 1), "p10_us": round(p10, 1), "p90_us": round(p90, 1),
-            "page_faults_per_call": faults}
+    return {"median_us": round(median, 1), "p10_us": round(p10, 1), "p90_us": round(p90, 1)}
 
 
-def bench_config(batch_size, dtype, seed=0):
-    """The architecture the benchmark times: shared 64-64 MLP agent with agent id, QMIX mixer
-    with hypernet_layers 1 and mixing_embed_dim 32, double Q, clip 10, Adam."""
-    return q.Config(mixer="qmix", hypernet_layers=1, mixing_embed_dim=32, agent_hidden_dims=(64, 64),
-                    double_q=True, grad_norm_clip=10.0, batch_size=batch_size, buffer_size=5000,
-                    dtype=dtype, seed=seed)
-
-
-def random_transition(rng, n, o, a, s):
-    """One random transition, drawn alone as an env would give it (no large temporaries, which
-    would change how the process's malloc behaves later: see the README)."""
-    return {"obs": rng.normal(size=(n, o)), "state": rng.normal(size=s), "actions": rng.integers(0, a, n),
-            "avail_actions": np.ones((n, a), bool), "reward": rng.normal(), "terminated": rng.random() < 0.05,
-            "next_obs": rng.normal(size=(n, o)), "next_state": rng.normal(size=s),
-            "next_avail_actions": np.ones((n, a), bool)}
-
-
-def numpy_train_step(size, dtype):
-    n, o, a, s, b = size
-    learner = q.Learner(bench_config(b, dtype), {"n_agents": n, "obs_shape": o, "state_shape": s,
-                                                 "n_actions": a, "episode_limit": 100})
+def filled_learner(size, dtype):
+    """pymarl's QMIX (hypernet_layers 2, embed 32, agent width 64, obs_last_action, agent ids),
+    with a buffer of B full-length random episodes of T steps: every batch is B x T."""
+    n, o, a, s, b, t = size
+    config = q.Config(batch_size=b, buffer_size=b, dtype=dtype)
+    learner = q.Learner(config, {"n_agents": n, "obs_shape": o, "state_shape": s, "n_actions": a,
+                                 "episode_limit": t})
     rng = np.random.default_rng(1)
-    for _ in range(BUFFER_FILL):
-        learner.buffer.add(**random_transition(rng, n, o, a, s))
-    return learner.train_step
+    for _ in range(b):
+        learner.buffer.insert({"obs": rng.normal(size=(t + 1, n, o)), "state": rng.normal(size=(t + 1, s)),
+                               "avail_actions": np.ones((t + 1, n, a), bool), "actions": rng.integers(0, a, (t, n)),
+                               "reward": rng.normal(size=t), "terminated": np.arange(t) == t - 1})
+    return learner
 
 
-def torch_train_step(size, dtype, threads):
-    """The same train step in PyTorch: shared MLP agent, pymarl's QMixer (hypernet_layers 1),
-    double Q, clip_grad_norm_ 10, Adam, a batch sampled from a replay buffer of tensors."""
+def torch_train_step(learner, threads):
+    """pymarl's train step in PyTorch on the learner's weights and a batch of its episodes."""
     import torch
-    from torch import nn
+    import test_pymarl_parity as pymarl
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    n, o, a, s, b = size
-    tdtype = getattr(torch, dtype)
-    e = 32
-
-    class Mixer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.hyper_w_1, self.hyper_w_final = nn.Linear(s, e * n), nn.Linear(s, e)
-            self.hyper_b_1 = nn.Linear(s, e)
-            self.V = nn.Sequential(nn.Linear(s, e), nn.ReLU(), nn.Linear(e, 1))
-
-        def forward(self, qs, st):
-            w1 = torch.abs(self.hyper_w_1(st)).view(-1, n, e)
-            hidden = nn.functional.elu(torch.bmm(qs.view(-1, 1, n), w1) + self.hyper_b_1(st).view(-1, 1, e))
-            wf = torch.abs(self.hyper_w_final(st)).view(-1, e, 1)
-            return (torch.bmm(hidden, wf) + self.V(st).view(-1, 1, 1)).view(-1)
-
-    def agent_net():
-        return nn.Sequential(nn.Linear(o + n, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, a))
-
-    agent, mixer, target_agent, target_mixer = agent_net(), Mixer(), agent_net(), Mixer()
-    for net in (agent, mixer, target_agent, target_mixer):
-        net.to(tdtype)
-    target_agent.load_state_dict(agent.state_dict())
-    target_mixer.load_state_dict(mixer.state_dict())
-    params = list(agent.parameters()) + list(mixer.parameters())
-    optimiser = torch.optim.Adam(params, lr=5e-4)
-    gen = torch.Generator().manual_seed(1)
-    buffer = {"obs": torch.randn(BUFFER_FILL, n, o, generator=gen, dtype=tdtype),
-              "state": torch.randn(BUFFER_FILL, s, generator=gen, dtype=tdtype),
-              "actions": torch.randint(0, a, (BUFFER_FILL, n), generator=gen),
-              "reward": torch.randn(BUFFER_FILL, generator=gen, dtype=tdtype),
-              "terminated": torch.rand(BUFFER_FILL, generator=gen) < 0.05,
-              "next_obs": torch.randn(BUFFER_FILL, n, o, generator=gen, dtype=tdtype),
-              "next_state": torch.randn(BUFFER_FILL, s, generator=gen, dtype=tdtype),
-              "next_avail_actions": torch.ones(BUFFER_FILL, n, a, dtype=torch.bool)}
-    ids = torch.eye(n, dtype=tdtype).expand(b, n, n)
+    c = learner.config
+    dtype = getattr(torch, c.dtype)
+    args = {"gamma": c.gamma, "double_q": c.double_q, "obs_last_action": c.obs_last_action,
+            "obs_agent_id": c.obs_agent_id}
+    mac, target_mac = (pymarl.MAC([a.to(dtype) for a in pymarl.torch_agents(learner, p["agent"])],
+                                  learner.n_agents, args) for p in (learner.params, learner.target_params))
+    mixer, target_mixer = (pymarl.torch_mixer(learner, p["mixer"]).to(dtype)
+                           for p in (learner.params, learner.target_params))
+    params = mac.parameters() + list(mixer.parameters())
+    optimiser = torch.optim.Adam(params, lr=c.lr)
+    batch = pymarl.pymarl_batch(learner.buffer.sample(c.batch_size, np.random.default_rng(0)))
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
     def step():
-        idx = torch.randint(0, BUFFER_FILL, (b,))
-        batch = {k: v[idx] for k, v in buffer.items()}
-        inputs = torch.cat([batch["obs"], ids], -1)
-        next_inputs = torch.cat([batch["next_obs"], ids], -1)
-        chosen = agent(inputs).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
-        q_tot = mixer(chosen, batch["state"])
-        with torch.no_grad():
-            online_next = agent(next_inputs).masked_fill(~batch["next_avail_actions"], -1e10)
-            best = online_next.argmax(-1, keepdim=True)
-            next_qs = target_agent(next_inputs).gather(-1, best).squeeze(-1)
-            y = batch["reward"] + 0.99 * (1 - batch["terminated"].to(tdtype)) * target_mixer(next_qs, batch["next_state"])
-        loss = ((q_tot - y) ** 2).mean()
         optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        pymarl.pymarl_train_loss(mac, target_mac, mixer, target_mixer, batch, args).backward()
+        torch.nn.utils.clip_grad_norm_(params, c.grad_norm_clip)
         optimiser.step()
 
     return step, torch.__version__
 
 
-def action_selection(dtype, epsilon):
+def greedy_selection(dtype):
     env = envs.MeetingGridworld()
-    learner = q.Learner(bench_config(32, dtype), env.get_env_info())
+    learner = q.Learner(q.Config(dtype=dtype), env.get_env_info())
     obs, avail = env.get_obs(), env.get_avail_actions()
-    return lambda: learner.select_actions(obs, avail, epsilon)
-
-
-def gridworld_steps_per_second(reps):
-    env, rng = envs.MeetingGridworld(), np.random.default_rng(0)
-    actions = rng.integers(0, 5, (reps, 2))
-    start = time.perf_counter()
-    for a in actions:
-        if env.step(a)[1]:
-            env.reset()
-    return reps / (time.perf_counter() - start)
+    return lambda: learner.select_actions(obs, avail, [4, 4])
 
 
 def training_throughput(steps, dtype):
-    """Env steps per second of train() on Meeting Gridworld, one train step per env step,
-    exploration and buffer writes included (timed after the buffer first holds a batch), and
-    how each env step's time splits: the train step (each one timed as the loop runs it) and
-    the rest of the loop (action selection, the env, checks, the buffer write). Also epsilon at
-    the start and end of the timed run: while it is near 1, most steps need no Q-values."""
-    config = bench_config(32, dtype)
+    """Env steps per second of train() on Meeting Gridworld 5x5 from scratch, with
+    examples/meeting_gridworld.py's settings (one train step per episode once 32 are stored),
+    and how the time splits between train steps and the rest of the loop."""
+    settings = meeting_gridworld.parse_args(["--t-max", str(steps)])
+    config = dataclasses.replace(meeting_gridworld.make_config(settings, "qmix", 0), dtype=dtype)
     env = envs.MeetingGridworld()
-    learner = q.train(env, dataclasses.replace(config, t_max=200))
+    learner = q.Learner(config, env.get_env_info())
     train_times, train_step = [], learner.train_step
 
     def timed_train_step():
@@ -222,46 +149,35 @@ def training_throughput(steps, dtype):
         return result
 
     learner.train_step = timed_train_step  # this learner only; the train() loop calls it as usual
-    start_steps, epsilon_from, start = learner.t_env, learner.epsilon(), time.perf_counter()
-    q.train(env, dataclasses.replace(config, t_max=200 + steps), learner=learner)
-    elapsed, env_steps = time.perf_counter() - start, learner.t_env - start_steps
-    train_us = np.array(train_times) * 1e6
-    return {"env_steps_per_s": round(env_steps / elapsed),
-            "train_step_mean_us": round(float(train_us.mean()), 1),
+    start = time.perf_counter()
+    q.train(env, config, learner=learner)
+    elapsed = time.perf_counter() - start
+    train_us = np.array(train_times or [0.0]) * 1e6  # [0.0]: a run too short to train
+    return {"env_steps": learner.t_env, "episodes": learner.episode, "train_steps": len(train_times),
+            "env_steps_per_s": round(learner.t_env / elapsed),
             "train_step_median_us": round(float(np.median(train_us)), 1),
-            "rest_per_env_step_us": round((elapsed * 1e6 - train_us.sum()) / env_steps, 1),
-            "epsilon_from": round(epsilon_from, 3), "epsilon_to": round(learner.epsilon(), 3)}
-
-
-def blas_threads():
-    try:
-        from threadpoolctl import threadpool_info
-        counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
-        return f"{counts[0]} (threadpoolctl)" if counts else f"{ARGS.threads} (requested)"
-    except ImportError:
-        return f"{ARGS.threads} (requested via OPENBLAS_NUM_THREADS/OMP_NUM_THREADS/MKL_NUM_THREADS)"
+            "train_share": round(float(train_us.sum()) / (elapsed * 1e6), 3),
+            "rest_per_env_step_us": round((elapsed * 1e6 - train_us.sum()) / learner.t_env, 1)}
 
 
 def main():
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "numpy": np.__version__, "blas_threads": blas_threads(), "dtype": ARGS.dtype,
+              "numpy": np.__version__, "blas_threads": ARGS.threads, "dtype": ARGS.dtype,
               "reps": ARGS.reps, "train_step": []}
-    torch_version = None
     for size in ARGS.sizes:
-        row = {"size": dict(zip("NOASB", size)), **timings(numpy_train_step(size, ARGS.dtype), ARGS.reps, ARGS.warmup)}
+        learner = filled_learner(size, ARGS.dtype)
+        row = {"size": dict(zip(["N", "O", "A", "S", "B", "T"], size)),
+               **timings(learner.train_step, ARGS.reps, ARGS.warmup)}
         if ARGS.torch:
             try:
-                step, torch_version = torch_train_step(size, ARGS.dtype, ARGS.threads)
+                step, result["torch_version"] = torch_train_step(learner, ARGS.threads)
             except ImportError:
-                sys.exit("--torch: PyTorch is not installed (pip install torch==2.13.0 for the CPU build here)")
+                sys.exit("--torch: PyTorch (and pytest, for the restatement) must be installed: "
+                         "pip install torch==2.13.0 pytest")
             row["torch"] = timings(step, ARGS.reps, ARGS.warmup)
             row["ratio_numpy_over_torch"] = round(row["median_us"] / row["torch"]["median_us"], 3)
         result["train_step"].append(row)
-    if torch_version:
-        result["torch_version"] = torch_version
-    result["greedy_actions_2_agents"] = timings(action_selection(ARGS.dtype, 0.0), ARGS.reps, ARGS.warmup)
-    result["epsilon_greedy_actions_2_agents"] = timings(action_selection(ARGS.dtype, 0.5), ARGS.reps, ARGS.warmup)
-    result["gridworld_random_steps_per_s"] = round(gridworld_steps_per_second(20000))
+    result["greedy_actions_2_agents"] = timings(greedy_selection(ARGS.dtype), ARGS.reps * 10, ARGS.warmup)
     result["training"] = training_throughput(ARGS.e2e_steps, ARGS.dtype)
     if ARGS.json:
         print(json.dumps(result))
@@ -273,28 +189,23 @@ def print_table(r):
     print(f"qmix-np benchmark: {r['machine']}, NumPy {r['numpy']}, BLAS threads {r['blas_threads']}, "
           f"dtype {r['dtype']}, {r['reps']} reps (median [p10, p90])")
     torch_column = "torch_version" in r
-    header = f"{'train step (N, O, A, S, B)':<30}{'numpy':>24}{'page faults':>13}"
-    print(header + (f"{'torch ' + r['torch_version']:>28}{'ratio':>8}" if torch_column else ""))
+    header = f"{'train step (N, O, A, S, B, T)':<34}{'numpy':>26}"
+    print(header + (f"{'torch ' + r['torch_version']:>30}{'ratio':>8}" if torch_column else ""))
     for row in r["train_step"]:
-        size = tuple(row["size"].values())
-        faults = row["page_faults_per_call"]
-        line = f"{str(size):<30}{fmt(row):>24}{'n/a' if faults is None else faults:>13}"
+        line = f"{str(tuple(row['size'].values())):<34}{fmt(row):>26}"
         if torch_column:
-            line += f"{fmt(row['torch']):>28}{row['ratio_numpy_over_torch']:>8.2f}"
+            line += f"{fmt(row['torch']):>30}{row['ratio_numpy_over_torch']:>8.2f}"
         print(line)
-    print(f"{'greedy actions, 2 agents':<30}{fmt(r['greedy_actions_2_agents']):>24}")
-    print(f"{'eps-greedy actions, 2 agents':<30}{fmt(r['epsilon_greedy_actions_2_agents']):>24}")
-    print(f"{'gridworld random steps/s':<30}{r['gridworld_random_steps_per_s']:>24,}")
+    print(f"{'greedy actions, 2 agents':<34}{fmt(r['greedy_actions_2_agents']):>26}")
     t = r["training"]
-    print(f"{'training env steps/s':<30}{t['env_steps_per_s']:>24,}   "
-          "(Meeting Gridworld, one train step per env step)")
-    print(f"{'  per env step':<30}   train step {t['train_step_mean_us']:.0f} us mean "
-          f"({t['train_step_median_us']:.0f} median), the rest of the loop {t['rest_per_env_step_us']:.0f} us; "
-          f"epsilon {t['epsilon_from']:.2f} to {t['epsilon_to']:.2f}")
+    print(f"{'training env steps/s':<34}{t['env_steps_per_s']:>26,}   (Meeting Gridworld 5x5 from scratch, "
+          f"{t['env_steps']:,} env steps, {t['episodes']:,} episodes, {t['train_steps']:,} train steps)")
+    print(f"{'  where the time goes':<34}   train steps {t['train_share']:.0%} (median "
+          f"{t['train_step_median_us'] / 1000:.1f} ms), the rest of the loop {t['rest_per_env_step_us']:.0f} us per env step")
 
 
 def fmt(t):
-    return f"{t['median_us']:.0f} us [{t['p10_us']:.0f}, {t['p90_us']:.0f}]"
+    return f"{t['median_us'] / 1000:.2f} ms [{t['p10_us'] / 1000:.2f}, {t['p90_us'] / 1000:.2f}]"
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ episode), reporting success rate, mean return, mean length and the optimality ra
 successful episodes of length / shortest possible length). While training it prints a progress
 line every few seconds (to stderr); every --curve-every env steps it evaluates greedily on
 --curve-episodes episodes for the learning curves, written as CSV (and as a PNG if matplotlib
-happens to be installed). Curve evaluations are not counted in the training seconds.
+is installed) under --out. Curve evaluations are not counted in the training seconds.
 
     python examples/meeting_gridworld.py                      # 5x5, 2 agents, 5 seeds, 3 methods
     python examples/meeting_gridworld.py --methods qmix --seeds 1 --t-max 20000
-    python examples/meeting_gridworld.py --methods qmix --grid-size 7 --n-agents 3 --t-max 3000000 --epsilon-anneal-time 1500000 --buffer-size 200000 --adam-eps 1e-5
+    python examples/meeting_gridworld.py --methods qmix --grid-size 7 --n-agents 3 --t-max 400000 --buffer-size 1000
     python examples/meeting_gridworld.py --json               # summary as one JSON object
     python examples/meeting_gridworld.py --methods qmix --seeds 1 --t-max 40000 --save runs
     python examples/meeting_gridworld.py --load runs/qmix-seed0.npz --t-max 80000  # resume to 80k
@@ -22,19 +22,26 @@ happens to be installed). Curve evaluations are not counted in the training seco
 has them) and evaluates it; the grid flags must describe the environment it was trained on.
 --plot CSV... trains nothing: it merges the curves of runs made separately (say, one process per
 seed with --first-seed) into one CSV and one figure, named after --grid-size and --n-agents.
+Everything is written under the current directory (--out, default runs/); the repository's
+committed curves in examples/results/ change only if you name that folder.
 """
-import dataclasses
-import argparse
-import collections
-import csv
-import json
-import pathlib
-import sys
-import time
+import os
 
-import numpy as np
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one BLAS thread unless set: these matrices are too small to share
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a clone, installed or not
 import envs  # noqa: E402
 import qmix_np as q  # noqa: E402
 
@@ -43,33 +50,34 @@ EVAL_SEED = 2**31  # final evaluation seeds start here; training seeds are drawn
 CURVE_SEED = 2**32  # learning-curve evaluation seeds
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default in --help."""
+
+
 def parse_args(argv=None):
     """The command line (argv, default sys.argv[1:]) as checked settings."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument("--methods", nargs="+", default=list(NAMES), choices=list(NAMES),
                         help="mixers to train (none = independent learners)")
     parser.add_argument("--seeds", type=int, default=5, help="how many seeds per method")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
-    parser.add_argument("--t-max", type=int, default=50000, help="training env steps per seed")
+    parser.add_argument("--t-max", type=int, default=100000, help="training env steps per seed")
     parser.add_argument("--epsilon-anneal-time", type=int, default=None,
-                        help="env steps of epsilon annealing (default: 2/5 of --t-max)")
+                        help="env steps of epsilon annealing (None: half of --t-max)")
     parser.add_argument("--epsilon-finish", type=float, default=0.05, help="epsilon after annealing")
-    parser.add_argument("--buffer-size", type=int, default=50000, help="replay capacity (transitions)")
-    parser.add_argument("--grid-size", type=int, default=5)
-    parser.add_argument("--n-agents", type=int, default=2)
+    parser.add_argument("--buffer-size", type=int, default=500, help="replay capacity (episodes)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's step size")
+    parser.add_argument("--grid-size", type=int, default=5, help="the grid is this many cells square")
+    parser.add_argument("--n-agents", type=int, default=2, help="agents that must meet")
     parser.add_argument("--max-steps", type=int, default=50, help="time limit per episode")
-    parser.add_argument("--agent-hidden-dims", type=int, nargs="+", default=[64, 64], metavar="H",
-                        help="hidden layer widths of the agent MLP (one ReLU layer per width)")
-    parser.add_argument("--adam-eps", type=float, default=q.Config.adam_eps,
-                        help="Adam's denominator guard (pymarl's RMSprop uses 1e-5)")
+    parser.add_argument("--hidden-dim", type=int, default=64, help="width of the agent network")
     parser.add_argument("--observe-others", action="store_true",
                         help="each agent also observes the other agents' positions")
-    parser.add_argument("--eval-episodes", type=int, default=1000)
+    parser.add_argument("--eval-episodes", type=int, default=1000, help="greedy episodes per seed after training")
     parser.add_argument("--curve-every", type=int, default=5000, help="env steps between curve points")
-    parser.add_argument("--curve-episodes", type=int, default=100)
-    parser.add_argument("--progress-seconds", type=float, default=5.0)
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"),
-                        help="folder for the curves (CSV, PNG)")
+    parser.add_argument("--curve-episodes", type=int, default=100, help="greedy episodes per curve point")
+    parser.add_argument("--progress-seconds", type=float, default=5.0, help="seconds between progress lines")
+    parser.add_argument("--out", default="runs", help="folder for the curves (CSV, PNG)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--save", metavar="DIR", help="save each trained learner in DIR")
     parser.add_argument("--load", nargs="+", metavar="FILE", help="resume / evaluate saved learners")
@@ -84,10 +92,10 @@ def parse_args(argv=None):
     for name in ("seeds", "eval_episodes", "curve_every", "curve_episodes", "buffer_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.agent_hidden_dims) < 1:
-        parser.error("--agent-hidden-dims must all be at least 1")
-    if not 0 < args.adam_eps < float("inf"):
-        parser.error("--adam-eps must be a finite number > 0")
+    if args.hidden_dim < 1 or args.buffer_size < q.Config.batch_size:
+        parser.error(f"--hidden-dim must be at least 1 and --buffer-size at least {q.Config.batch_size}")
+    if not 0 < args.lr < float("inf"):
+        parser.error("--lr must be a finite number > 0")
     try:
         make_env(args)
     except ValueError as err:
@@ -100,17 +108,17 @@ def make_env(args):
 
 
 def make_config(args, mixer, seed):
-    """The same hyperparameters for every method; only the mixer differs.
+    """The same hyperparameters for every method; only the mixer differs. The agent is EPyMARL's
+    MLP (use_rnn=False) with pymarl's inputs (obs, last action, agent id).
 
     gamma 0.95, not pymarl's 0.99: with one team reward, an agent that is ahead of its partner
     gains only ~10 gamma^d (1 - gamma) by moving on rather than waiting, a gap too small at
     0.99 to be learned reliably everywhere, and a greedy agent that waits waits forever.
     """
-    anneal = args.epsilon_anneal_time or max(1, args.t_max * 2 // 5)
+    anneal = args.epsilon_anneal_time or max(1, args.t_max // 2)
     return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
-                    epsilon_finish=args.epsilon_finish, agent_hidden_dims=tuple(args.agent_hidden_dims),
-                    adam_eps=args.adam_eps, gamma=0.95, buffer_size=args.buffer_size,
-                    target_update_interval=20, hypernet_layers=1)
+                    epsilon_finish=args.epsilon_finish, hidden_dim=args.hidden_dim, lr=args.lr,
+                    gamma=0.95, buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
 
 
 class Monitor:
@@ -130,9 +138,8 @@ class Monitor:
             self.add_curve_point(learner)
         if time.perf_counter() - self.last_print >= self.args.progress_seconds:
             self.last_print = time.perf_counter()
-            loss = learner.last_diagnostics["loss"] if learner.last_diagnostics else float("nan")
             print(f"[{self.label}] {learner.t_env:>8,} env steps {learner.episode:>7,} episodes  "
-                  f"epsilon {learner.epsilon():.2f}  loss {loss:.4f}  "
+                  f"epsilon {learner.epsilon():.2f}  loss {learner.history['loss'][-1]:.4f}  "
                   f"success (last 100 episodes) {np.mean(self.recent):.0%}", file=sys.stderr, flush=True)
 
     def add_curve_point(self, learner):
@@ -160,7 +167,7 @@ def run_seed(args, method, seed, learner=None):
     recent = float(np.mean(monitor.recent)) if monitor.recent else float("nan")
     return {**result, "train_seconds": train_seconds, "env_steps": learner.t_env,
             "train_episodes": learner.episode, "train_success_last_100": recent,
-            "agent_hidden_dims": learner.config.agent_hidden_dims}, monitor.curve
+            "hidden_dim": learner.config.hidden_dim}, monitor.curve
 
 
 def write_curves(args, curves):
@@ -179,6 +186,7 @@ def write_curves(args, curves):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: the PNG was skipped (pip install matplotlib)", file=sys.stderr)
         return written
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, method in enumerate(dict.fromkeys(m for m, _ in curves)):
@@ -214,10 +222,10 @@ def json_number(value):
 
 
 def print_summary(args, results, written):
-    hidden = dict.fromkeys("-".join(map(str, r["agent_hidden_dims"])) for runs in results.values() for r in runs)
+    hidden = dict.fromkeys(str(r["hidden_dim"]) for runs in results.values() for r in runs)
     print(f"\nMeeting Gridworld {args.grid_size}x{args.grid_size}, {args.n_agents} agents, "
           f"{args.max_steps}-step limit, observations: own position and goal"
-          f"{' and the other agents' if args.observe_others else ''}, agent MLP hidden "
+          f"{' and the other agents' if args.observe_others else ''}, agent MLP of width "
           f"{' / '.join(hidden)}. {args.t_max:,} training env steps "
           f"per seed, {max(len(r) for r in results.values())} seeds; greedy evaluation on "
           f"{args.eval_episodes} fresh episodes per seed.")

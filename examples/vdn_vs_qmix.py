@@ -10,15 +10,20 @@ QMIX should earn 8 (B, then B, B); VDN's additive Q_tot misjudges state 2B and t
     python examples/vdn_vs_qmix.py --payoff 2 1 1 8   # a non-monotonic 2B: QMIX's limits show
     python examples/vdn_vs_qmix.py --json          # one JSON object instead of the tables
 """
-import argparse
-import json
-import pathlib
-import sys
-import time
+import os
 
-import numpy as np
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one BLAS thread unless set: these matrices are too small to share
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a clone, installed or not
 import envs  # noqa: E402
 import qmix_np as q  # noqa: E402
 
@@ -30,9 +35,12 @@ PAPER = {  # the paper's learned tables (arXiv v2), where the paper prints them
 
 
 def config_for(mixer, seed, episodes):
-    """Full exploration as in the paper; small nets, the game has 3 states."""
+    """Full exploration as in the paper; small nets, the game has 3 states. The observation is
+    the state itself, so the last action is left out of the agent's input (obs_last_action):
+    then each state has one Q table, the one the paper prints."""
     return q.Config(mixer=mixer, seed=seed, t_max=2 * episodes, epsilon_start=1.0, epsilon_finish=1.0,
-                    agent_hidden_dims=(32,), hypernet_layers=1, target_update_interval=100, lr=1e-3)
+                    hidden_dim=32, obs_last_action=False, hypernet_layers=1, target_update_interval=100,
+                    lr=1e-3, buffer_size=500)
 
 
 def fixed_points(method, payoff_2a, payoff_2b, gamma):
@@ -90,8 +98,12 @@ def print_method(method, returns, tables, seconds, reference, paper):
                   f"{format_row(paper_row)}")
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default in --help."""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...)")
     parser.add_argument("--episodes", type=int, default=2000, help="training episodes per seed")
     parser.add_argument("--payoff", type=float, nargs=4, default=[0, 1, 1, 8], metavar="P",

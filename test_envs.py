@@ -1,0 +1,269 @@
+"""The environments in envs.py, and what train/evaluate accept from an environment of your own."""
+import warnings
+
+import numpy as np
+import pytest
+
+import envs
+import qmix_np as q
+
+# ------------------------------------------------------------------------------------------
+# The two-step game
+# ------------------------------------------------------------------------------------------
+
+
+def test_two_step_game_rules():
+    env = envs.TwoStepGame()
+    info = env.get_env_info()
+    assert info == {"state_shape": 3, "obs_shape": 3, "n_actions": 2, "n_agents": 2, "episode_limit": 2}
+    for a1, a2, b1, b2, reward in ((0, 1, 1, 0, 7.0), (1, 0, 0, 0, 0.0), (1, 1, 1, 1, 8.0),
+                                   (1, 0, 1, 0, 1.0), (1, 1, 0, 1, 1.0)):
+        env.reset()
+        np.testing.assert_array_equal(env.get_obs(), [[1, 0, 0], [1, 0, 0]])
+        assert env.step([a1, a2]) == (0.0, False, {"episode_limit": False})
+        assert env.get_state().tolist() == ([0, 1, 0] if a1 == 0 else [0, 0, 1])
+        assert env.step(np.array([b1, b2])) == (reward, True, {"episode_limit": False})
+        assert env.get_state().tolist() == [0, 0, 0]
+        with pytest.raises(RuntimeError):
+            env.step([0, 0])
+
+
+@pytest.mark.parametrize("actions", [[0], [0, 2], [-1, 0], [0.5, 1], [0, 0, 0]])
+def test_two_step_game_rejects_bad_actions(actions):
+    env = envs.TwoStepGame()
+    with pytest.raises((ValueError, TypeError), match="actions"):
+        env.step(actions)
+    assert env.get_state().tolist() == [1, 0, 0]  # nothing happened
+
+
+
+# ------------------------------------------------------------------------------------------
+# Meeting Gridworld
+# ------------------------------------------------------------------------------------------
+
+
+def gridworld_at(positions, goal, **kwargs):
+    """A MeetingGridworld with its agents and goal put where a test wants them."""
+    env = envs.MeetingGridworld(n_agents=len(positions), **kwargs)
+    env.positions, env.goal = np.array(positions), np.array(goal)
+    return env
+
+
+@pytest.mark.parametrize("start,expected", [
+    ((2, 2), [(1, 2), (3, 2), (2, 1), (2, 3), (2, 2)]),  # centre: up, down, left, right, stay
+    ((0, 0), [(0, 0), (1, 0), (0, 0), (0, 1), (0, 0)]),  # top-left corner: up and left clip
+    ((4, 4), [(3, 4), (4, 4), (4, 3), (4, 4), (4, 4)]),  # bottom-right: down and right clip
+    ((0, 4), [(0, 4), (1, 4), (0, 3), (0, 4), (0, 4)]),
+])
+def test_gridworld_every_action_and_wall_clipping(start, expected):
+    for action, target in enumerate(expected):
+        env = gridworld_at([start], goal=(3, 0) if start != (3, 0) else (1, 1))
+        env.step([action])
+        assert tuple(env.positions[0]) == target, f"action {action} from {start}"
+
+
+def test_gridworld_moves_are_simultaneous_and_cells_may_be_shared():
+    env = gridworld_at([(1, 1), (1, 3)], goal=(4, 4))
+    env.step([3, 2])  # right, left: both into (1, 2) at once
+    np.testing.assert_array_equal(env.positions, [[1, 2], [1, 2]])
+    env.step([1, 0])  # down, up: they pass each other
+    np.testing.assert_array_equal(env.positions, [[2, 2], [0, 2]])
+
+
+def test_gridworld_reward_and_termination():
+    env = gridworld_at([(2, 1), (2, 4)], goal=(2, 2))
+    assert env.step([3, 4]) == (-0.01, False, {"episode_limit": False})  # one agent arrives alone
+    assert env.step([4, 2]) == (-0.01, False, {"episode_limit": False})
+    assert env.step([4, 2]) == (10.0, True, {"episode_limit": False})  # all on the goal at once
+    with pytest.raises(RuntimeError):
+        env.step([4, 4])
+
+
+def test_gridworld_time_limit_is_flagged_and_not_terminal_for_the_learner():
+    env = gridworld_at([(0, 0), (4, 4)], goal=(2, 2), max_steps=3)
+    assert env.step([4, 4])[1:] == (False, {"episode_limit": False})
+    assert env.step([4, 4])[1:] == (False, {"episode_limit": False})
+    assert env.step([4, 4]) == (-0.01, True, {"episode_limit": True})
+    learner = q.train(envs.MeetingGridworld(max_steps=3), q.Config(t_max=30, batch_size=64, buffer_size=64))
+    stored = learner.buffer.data
+    assert not stored["terminated"][stored["reward"] < 0].any()  # time-outs bootstrap
+
+
+def test_gridworld_reaching_the_goal_on_the_last_step_is_a_success():
+    env = gridworld_at([(2, 1), (2, 3)], goal=(2, 2), max_steps=1)
+    assert env.step([3, 2]) == (10.0, True, {"episode_limit": False})
+
+
+def test_gridworld_starts_on_distinct_cells():
+    for n_agents, grid_size in ((2, 5), (3, 2), (1, 2)):
+        env = envs.MeetingGridworld(grid_size=grid_size, n_agents=n_agents)
+        for seed in range(200):
+            env.reset(seed=seed)
+            cells = {tuple(p) for p in env.positions} | {tuple(env.goal)}
+            assert len(cells) == n_agents + 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(grid_size=2, n_agents=4), "too few"), (dict(grid_size=1), "grid_size"),
+    (dict(n_agents=0), "n_agents"), (dict(max_steps=0), "max_steps"), (dict(grid_size=2.5), "grid_size")])
+def test_gridworld_says_clearly_when_it_cannot_be_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        envs.MeetingGridworld(**kwargs)
+
+
+@pytest.mark.parametrize("observe_others", [False, True])
+def test_gridworld_observation_and_state_shapes_and_scaling(observe_others):
+    env = gridworld_at([(0, 1), (2, 3), (4, 0)], goal=(3, 3), observe_others=observe_others)
+    obs, state = env.get_obs(), env.get_state()
+    expected_obs = [[0, 1, 3, 3], [2, 3, 3, 3], [4, 0, 3, 3]]
+    if observe_others:
+        expected_obs = [row + others for row, others in
+                        zip(expected_obs, [[2, 3, 4, 0], [0, 1, 4, 0], [0, 1, 2, 3]])]
+    np.testing.assert_allclose(obs, np.array(expected_obs) / 5)
+    np.testing.assert_allclose(state, np.array([0, 1, 2, 3, 4, 0, 3, 3]) / 5)
+    info = env.get_env_info()
+    assert (info["obs_shape"], info["state_shape"]) == ((8 if observe_others else 4), 8)
+    assert info["n_actions"] == 5 and info["n_agents"] == 3 and info["episode_limit"] == 50
+    assert obs.min() >= 0 and obs.max() < 1
+    np.testing.assert_array_equal(env.get_avail_actions(), np.ones((3, 5)))
+
+
+def test_gridworld_seeded_reset_replays_an_episode():
+    def trajectory(seed):
+        env = envs.MeetingGridworld(n_agents=3, grid_size=6)
+        env.reset(seed=seed)
+        seen = [env.get_state()]
+        for actions in np.random.default_rng(0).integers(0, 5, (20, 3)):
+            env.step(actions)
+            seen.append(env.get_state())
+            if env.done:
+                break
+        return np.array(seen)
+
+    np.testing.assert_array_equal(trajectory(11), trajectory(11))
+    assert not np.array_equal(trajectory(11)[0], trajectory(12)[0])
+
+
+@pytest.mark.parametrize("actions,error", [([5, 0], ValueError), ([-1, 0], ValueError), ([0], ValueError),
+                                           ([0, 0, 0], ValueError), ([1.0, 0.0], TypeError)])
+def test_gridworld_rejects_bad_actions_and_changes_nothing(actions, error):
+    env = gridworld_at([(1, 1), (3, 3)], goal=(0, 4))
+    with pytest.raises(error, match="actions"):
+        env.step(actions)
+    np.testing.assert_array_equal(env.positions, [[1, 1], [3, 3]])
+    assert env.steps == 0
+
+
+@pytest.mark.parametrize("positions,goal,shortest", [
+    ([(0, 0), (4, 4)], (2, 2), 4), ([(0, 0), (0, 1)], (0, 4), 4), ([(1, 1), (4, 4)], (1, 2), 5),
+    ([(3, 3)], (3, 0), 3), ([(2, 2), (2, 0), (2, 4)], (2, 3), 3)])
+def test_gridworld_shortest_length(positions, goal, shortest):
+    assert gridworld_at(positions, goal).optimal_length() == shortest
+
+
+
+# ------------------------------------------------------------------------------------------
+# Your own environment: the time limit, and what is refused
+# ------------------------------------------------------------------------------------------
+
+
+class Corridor(envs.MultiAgentEnv):
+    """One agent that never terminates by itself: the episode stops at the time limit, flagged
+    as pymarl's envs flag it (`info`: what step() returns in its third place at the limit)."""
+    n_agents, n_actions, episode_limit = 1, 2, 3
+
+    def __init__(self, info_at_limit=None, terminate_at_limit=True):
+        self.info_at_limit = {"episode_limit": True} if info_at_limit is None else info_at_limit
+        self.terminate_at_limit = terminate_at_limit
+        self.reset()
+
+    def reset(self, seed=None):
+        self.t = 0
+
+    def step(self, actions):
+        self.t += 1
+        at_limit = self.t >= 3
+        return 1.0, at_limit and self.terminate_at_limit, self.info_at_limit if at_limit else {}
+
+    def get_obs(self):
+        return np.full((1, 1), self.t, dtype=float)
+
+    def get_state(self):
+        return np.full(1, self.t, dtype=float)
+
+    def get_avail_actions(self):
+        return np.ones((1, 2))
+
+
+def test_time_limit_is_not_stored_as_terminal():
+    learner = q.train(Corridor(), q.Config(mixer="vdn", t_max=3, batch_size=1, buffer_size=2))
+    np.testing.assert_array_equal(learner.buffer.data["terminated"][0], [0, 0, 0])
+    np.testing.assert_array_equal(learner.buffer.data["filled"][0], [1, 1, 1])
+    assert q.evaluate(Corridor(), learner, 2, seed=0)["success_rate"] == 0.0
+
+
+def test_an_unflagged_time_limit_warns_once_and_is_treated_as_terminal():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own filter: a warning once per place
+        learner = q.train(Corridor(info_at_limit={}), q.Config(mixer="vdn", t_max=9, batch_size=1, buffer_size=5))
+    assert learner.episode == 3 and len(caught) == 1
+    assert "treated as terminal" in str(caught[0].message) and caught[0].category is UserWarning
+    np.testing.assert_array_equal(learner.buffer.data["terminated"][0], [0, 0, 1])
+
+
+def test_a_flagged_time_limit_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.train(Corridor(), q.Config(mixer="vdn", t_max=9, batch_size=1, buffer_size=5))
+
+
+def test_an_episode_past_its_limit_is_refused_and_nothing_is_stored():
+    learner = q.Learner(q.Config(mixer="vdn", batch_size=1, buffer_size=5), Corridor().get_env_info())
+    with pytest.raises(ValueError, match="ran past its episode_limit \\(3 steps"):
+        q.train(Corridor(terminate_at_limit=False), q.Config(mixer="vdn", t_max=9, batch_size=1, buffer_size=5),
+                learner=learner)
+    assert len(learner.buffer) == 0 and learner.t_env == 0 and learner.episode == 0
+
+
+class NotAnEnv:
+    """Has step and reset, as a Gymnasium or PettingZoo env does, but not pymarl's other methods."""
+    possible_agents = ["a", "b"]
+
+    def reset(self, seed=None):
+        return {}, {}
+
+    def step(self, actions):
+        return {}, {}, {}, {}, {}
+
+
+class GymnasiumStyle(Corridor):
+    def step(self, actions):
+        reward, terminated, info = super().step(actions)
+        return np.zeros((1, 1)), reward, terminated, False, info
+
+
+class BadStep(Corridor):
+    def __init__(self, result):
+        self.result = result
+        super().__init__()
+
+    def step(self, actions):
+        return self.result
+
+
+@pytest.mark.parametrize("env,error,words", [
+    (NotAnEnv(), TypeError, "env lacks ['get_obs', 'get_state', 'get_avail_actions', 'get_env_info']"),
+    (GymnasiumStyle(), ValueError, "must return (reward, terminated, info)"),
+    (BadStep((1.0, False)), ValueError, "got a tuple of 2"),
+    (BadStep((1.0, False, None)), TypeError, "info from env.step() must be a dict"),
+    (BadStep((1.0, "False", {})), TypeError, "terminated from env.step() must be a bool"),
+    (BadStep((float("nan"), False, {})), ValueError, "the reward from env.step() must be finite"),
+])
+def test_an_env_that_breaks_the_interface_gets_a_clear_message(env, error, words):
+    with pytest.raises(error) as caught:
+        q.train(env, q.Config(mixer="vdn", t_max=9, batch_size=1, buffer_size=5))
+    assert words in str(caught.value)
+    if isinstance(env, NotAnEnv):
+        assert "PettingZoo" in str(caught.value) and "reset, step, get_obs" in str(caught.value)
+    if isinstance(env, GymnasiumStyle):
+        assert "Gymnasium-style" in str(caught.value)

@@ -1,0 +1,71 @@
+"""The example scripts run to their last line at tiny budgets, from another folder, writing only
+there; the benchmark's JSON report has every part (its timings are not asserted: this is a
+shared machine); the README's own-environment example trains."""
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def run(cwd, *args):
+    """A Python script in `cwd`, finding qmix_np as an installed copy would be found."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def test_the_examples_run_from_another_folder_and_write_only_there(tmp_path):
+    before = sorted(p.stat().st_mtime_ns for p in (HERE / "examples" / "results").iterdir())
+    two_step = run(tmp_path, HERE / "examples" / "vdn_vs_qmix.py", "--seeds", "1", "--episodes", "50")
+    assert two_step.returncode == 0, two_step.stderr
+    assert "QMIX: greedy return per seed" in two_step.stdout and "IQL: greedy return" in two_step.stdout
+
+    gridworld = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", "--seeds", "1", "--t-max", "300",
+                    "--eval-episodes", "10", "--curve-every", "150", "--curve-episodes", "5", "--save", "saved")
+    assert gridworld.returncode == 0, gridworld.stderr
+    assert (tmp_path / "runs" / "meeting_gridworld_5x5_2agents.csv").exists()
+    assert (tmp_path / "saved" / "qmix-seed0.npz").exists()
+    resumed = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", "--load", "saved/qmix-seed0.npz",
+                  "--t-max", "0", "--eval-episodes", "5", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.splitlines()[-1])["QMIX"]["success_rate"][0] >= 0
+    assert sorted(p.stat().st_mtime_ns for p in (HERE / "examples" / "results").iterdir()) == before
+
+
+def test_the_help_shows_every_default():
+    for script in ("vdn_vs_qmix.py", "meeting_gridworld.py", "benchmark.py"):
+        shown = run(HERE, HERE / "examples" / script, "--help").stdout
+        options = re.findall(r"^  (--[a-z-]+)", shown, flags=re.M)
+        assert options and shown.count("(default:") >= len(options) - 1, script  # all but --help
+
+
+def test_benchmark_runs_and_reports_every_part_as_json():
+    result = run(HERE, HERE / "examples" / "benchmark.py", "--json", "--reps", "3", "--warmup", "1",
+                 "--sizes", "2,3,2,2,4,5", "3,2,4,5,6,3", "--e2e-steps", "300")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["blas_threads"] == 1 and report["dtype"] == "float32"
+    assert [row["size"] for row in report["train_step"]] == [dict(N=2, O=3, A=2, S=2, B=4, T=5),
+                                                             dict(N=3, O=2, A=4, S=5, B=6, T=3)]
+    timed = [*report["train_step"], report["greedy_actions_2_agents"]]
+    assert all(0 < t["p10_us"] <= t["median_us"] <= t["p90_us"] for t in timed)
+    training = report["training"]
+    assert training["env_steps"] >= 300 and training["env_steps_per_s"] > 0 and training["train_steps"] >= 0
+
+
+def readme_example():
+    """The README's complete own-environment example: the python block under its heading."""
+    text = (HERE / "README.md").read_text()
+    section = text[text.index("## Using it on your own environment"):]
+    return section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+
+
+def test_the_readmes_own_environment_example_trains_and_prints_its_result(tmp_path):
+    script = tmp_path / "my_env.py"
+    script.write_text(readme_example())
+    result = run(tmp_path, script)
+    assert result.returncode == 0, result.stderr
+    assert "greedy success" in result.stdout

@@ -1,0 +1,238 @@
+"""qmix_np against a PyTorch restatement of pymarl's learner (skipped without torch).
+
+The torch code below restates, from oxwhirl/pymarl c971afd, QLearner.train, QMixer, VDNMixer and
+BasicMAC._build_inputs, and EPyMARL's RNNAgent with use_rnn=False (fc1 -> ReLU -> rnn Linear ->
+ReLU -> fc2), in float64. Both sides start from the same weights (ours, loaded into torch with
+load_state_dict under their own names) and take three steps on the same batch of episodes; the
+loss, every gradient and every parameter after the steps must agree to 1e-10.
+torch is never a dependency: `pip install torch==2.13.0` gives a CPU build on these machines.
+"""
+import numpy as np
+import pytest
+
+import qmix_np as q
+from test_qmix_np import episode_batch, small_learner
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+PARITY = 1e-10
+
+
+class RNNAgent(nn.Module):
+    """EPyMARL's RNNAgent, use_rnn=False."""
+
+    def __init__(self, input_shape, hidden_dim, n_actions):
+        super().__init__()
+        self.fc1 = nn.Linear(input_shape, hidden_dim)
+        self.rnn = nn.Linear(hidden_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, n_actions)
+
+    def forward(self, inputs):
+        x = F.relu(self.fc1(inputs))
+        h = F.relu(self.rnn(x))
+        return self.fc2(h)
+
+
+class QMixer(nn.Module):
+    """pymarl's QMixer."""
+
+    def __init__(self, n_agents, state_dim, embed_dim, hypernet_layers, hypernet_embed):
+        super().__init__()
+        self.n_agents, self.state_dim, self.embed_dim = n_agents, state_dim, embed_dim
+        if hypernet_layers == 1:
+            self.hyper_w_1 = nn.Linear(state_dim, embed_dim * n_agents)
+            self.hyper_w_final = nn.Linear(state_dim, embed_dim)
+        else:
+            self.hyper_w_1 = nn.Sequential(nn.Linear(state_dim, hypernet_embed), nn.ReLU(),
+                                           nn.Linear(hypernet_embed, embed_dim * n_agents))
+            self.hyper_w_final = nn.Sequential(nn.Linear(state_dim, hypernet_embed), nn.ReLU(),
+                                               nn.Linear(hypernet_embed, embed_dim))
+        self.hyper_b_1 = nn.Linear(state_dim, embed_dim)
+        self.V = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, agent_qs, states):
+        bs = agent_qs.size(0)
+        states = states.reshape(-1, self.state_dim)
+        agent_qs = agent_qs.view(-1, 1, self.n_agents)
+        w1 = torch.abs(self.hyper_w_1(states))
+        b1 = self.hyper_b_1(states)
+        w1 = w1.view(-1, self.n_agents, self.embed_dim)
+        b1 = b1.view(-1, 1, self.embed_dim)
+        hidden = F.elu(torch.bmm(agent_qs, w1) + b1)
+        w_final = torch.abs(self.hyper_w_final(states)).view(-1, self.embed_dim, 1)
+        v = self.V(states).view(-1, 1, 1)
+        return (torch.bmm(hidden, w_final) + v).view(bs, -1, 1)
+
+
+class VDNMixer(nn.Module):
+    def forward(self, agent_qs, batch):
+        return torch.sum(agent_qs, dim=2, keepdim=True)
+
+
+class MAC:
+    """BasicMAC's forward over a batch at step t: one shared agent, or (non-shared) one per agent."""
+
+    def __init__(self, agents, n_agents, args):
+        self.agents, self.n_agents, self.args = agents, n_agents, args
+
+    def parameters(self):
+        return [p for agent in self.agents for p in agent.parameters()]
+
+    def _build_inputs(self, batch, t):
+        bs = batch["obs"].shape[0]
+        inputs = [batch["obs"][:, t]]
+        if self.args["obs_last_action"]:
+            inputs.append(torch.zeros_like(batch["actions_onehot"][:, t]) if t == 0
+                          else batch["actions_onehot"][:, t - 1])
+        if self.args["obs_agent_id"]:
+            inputs.append(torch.eye(self.n_agents, dtype=batch["obs"].dtype).unsqueeze(0).expand(bs, -1, -1))
+        return torch.cat([x.reshape(bs * self.n_agents, -1) for x in inputs], dim=1)
+
+    def forward(self, batch, t):
+        inputs = self._build_inputs(batch, t)
+        bs = batch["obs"].shape[0]
+        if len(self.agents) == 1:
+            return self.agents[0](inputs).view(bs, self.n_agents, -1)
+        per_agent = inputs.view(bs, self.n_agents, -1)
+        return torch.stack([agent(per_agent[:, i]) for i, agent in enumerate(self.agents)], dim=1)
+
+
+def pymarl_train_loss(mac, target_mac, mixer, target_mixer, batch, args):
+    """QLearner.train up to the loss, line for line."""
+    rewards = batch["reward"][:, :-1]
+    actions = batch["actions"][:, :-1]
+    terminated = batch["terminated"][:, :-1].to(rewards.dtype)  # pymarl: .float()
+    mask = batch["filled"][:, :-1].to(rewards.dtype)
+    mask[:, 1:] = mask[:, 1:] * (1 - terminated[:, :-1])
+    avail_actions = batch["avail_actions"]
+    max_seq_length = batch["obs"].shape[1]
+
+    mac_out = torch.stack([mac.forward(batch, t=t) for t in range(max_seq_length)], dim=1)
+    chosen_action_qvals = torch.gather(mac_out[:, :-1], dim=3, index=actions).squeeze(3)
+    target_mac_out = [target_mac.forward(batch, t=t) for t in range(max_seq_length)]
+    target_mac_out = torch.stack(target_mac_out[1:], dim=1)
+    target_mac_out[avail_actions[:, 1:] == 0] = -9999999
+    if args["double_q"]:
+        mac_out_detach = mac_out.clone().detach()
+        mac_out_detach[avail_actions == 0] = -9999999
+        cur_max_actions = mac_out_detach[:, 1:].max(dim=3, keepdim=True)[1]
+        target_max_qvals = torch.gather(target_mac_out, 3, cur_max_actions).squeeze(3)
+    else:
+        target_max_qvals = target_mac_out.max(dim=3)[0]
+    if mixer is not None:
+        chosen_action_qvals = mixer(chosen_action_qvals, batch["state"][:, :-1])
+        target_max_qvals = target_mixer(target_max_qvals, batch["state"][:, 1:])
+    targets = rewards + args["gamma"] * (1 - terminated) * target_max_qvals
+    td_error = chosen_action_qvals - targets.detach()
+    mask = mask.expand_as(td_error)
+    masked_td_error = td_error * mask
+    return (masked_td_error ** 2).sum() / mask.sum()
+
+
+def pymarl_batch(batch):
+    """Our batch in pymarl's EpisodeBatch layout: every field over T + 1 steps, actions (..., 1),
+    filled also on the step that holds the final observation."""
+    b, t, n = batch["actions"].shape
+    n_actions = batch["avail_actions"].shape[-1]
+
+    def one_more_step(x):
+        return np.concatenate([x, np.zeros_like(x[:, :1])], axis=1)
+
+    lengths = batch["filled"].sum(axis=1).astype(int)
+    filled = (np.arange(t + 1)[None, :] <= lengths[:, None]).astype(np.int64)[..., None]
+    actions = one_more_step(batch["actions"])
+    return {"obs": torch.tensor(batch["obs"]), "state": torch.tensor(batch["state"]),
+            "avail_actions": torch.tensor(batch["avail_actions"].astype(np.int64)),
+            "actions": torch.tensor(actions[..., None]),
+            "actions_onehot": torch.tensor(np.eye(n_actions)[actions]),
+            "reward": torch.tensor(one_more_step(batch["reward"])[..., None]),
+            "terminated": torch.tensor(one_more_step(batch["terminated"]).astype(np.int64)[..., None]),
+            "filled": torch.tensor(filled)}
+
+
+def torch_agents(learner, params):
+    """Our agent parameters in RNNAgent modules: shared, one module; per-agent, one per agent."""
+    c = learner.config
+    fc1 = params["fc1.weight"]
+    shared = fc1.ndim == 2
+    agents = []
+    for i in range(1 if shared else learner.n_agents):
+        agent = RNNAgent(fc1.shape[-1], c.hidden_dim, learner.n_actions).double()
+        agent.load_state_dict({k: torch.tensor(v if shared else v[i]) for k, v in params.items()})
+        agents.append(agent)
+    return agents
+
+
+def torch_mixer(learner, params):
+    c = learner.config
+    if c.mixer == "none":
+        return None
+    if c.mixer == "vdn":
+        return VDNMixer()
+    mixer = QMixer(learner.n_agents, learner.state_dim, c.mixing_embed_dim, c.hypernet_layers,
+                   c.hypernet_embed).double()
+    mixer.load_state_dict({k: torch.tensor(v) for k, v in params.items()})
+    return mixer
+
+
+def our_grads_as_torch_order(learner, grads, agents, mixer):
+    """Our gradients (before clipping) in the order of torch's parameter list."""
+    ours = []
+    for i, agent in enumerate(agents):
+        for name, _ in agent.named_parameters():
+            g = grads["agent"][name]
+            ours.append(g if len(agents) == 1 else g[i])
+    if mixer is not None:
+        ours += [grads["mixer"][name] for name, _ in mixer.named_parameters()]
+    return ours
+
+
+@pytest.mark.parametrize("mixer,layers,shared,double_q,optimizer,clip", [
+    ("qmix", 2, True, True, "adam", 100.0), ("qmix", 1, True, False, "rmsprop", 100.0),
+    ("qmix", 2, False, True, "rmsprop", 0.5), ("qmix", 2, True, True, "adam", 0.5),
+    ("vdn", 1, True, True, "adam", 100.0), ("none", 1, True, True, "rmsprop", 100.0),
+])
+def test_three_steps_equal_pymarls_qlearner(mixer, layers, shared, double_q, optimizer, clip):
+    learner = small_learner(mixer, hypernet_layers=layers, shared_agent=shared, double_q=double_q,
+                            optimizer=optimizer, grad_norm_clip=clip, gamma=0.9, lr=0.01)
+    learner.target_theta += np.random.default_rng(3).normal(scale=0.2, size=learner.theta.shape)
+    batch = episode_batch(learner)
+    c = learner.config
+    args = {"gamma": c.gamma, "double_q": c.double_q, "obs_last_action": c.obs_last_action,
+            "obs_agent_id": c.obs_agent_id}
+    agents, target_agents = torch_agents(learner, learner.params["agent"]), torch_agents(learner, learner.target_params["agent"])
+    mixer_t, target_mixer_t = torch_mixer(learner, learner.params["mixer"]), torch_mixer(learner, learner.target_params["mixer"])
+    mac, target_mac = MAC(agents, learner.n_agents, args), MAC(target_agents, learner.n_agents, args)
+    params_t = mac.parameters() + (list(mixer_t.parameters()) if mixer_t is not None else [])
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params_t, lr=c.lr, betas=c.adam_betas, eps=c.adam_eps)
+    else:
+        opt = torch.optim.RMSprop(params_t, lr=c.lr, alpha=c.optim_alpha, eps=c.optim_eps)
+    batch_t = pymarl_batch(batch)
+
+    clipped = False
+    for step in range(3):
+        loss, grads, _ = q.loss_and_grads(learner.params, learner.target_params, batch, c)
+        grad = q.flat_grad(grads, learner.params)
+        clipped |= q.clip_grad_norm(grad, c.grad_norm_clip) > c.grad_norm_clip
+        learner.optimiser.step(learner.theta, grad)
+
+        opt.zero_grad()
+        loss_t = pymarl_train_loss(mac, target_mac, mixer_t, target_mixer_t, batch_t, args)
+        loss_t.backward()
+        assert loss == pytest.approx(loss_t.item(), rel=PARITY, abs=0), f"step {step}: loss"
+        for ours, param in zip(our_grads_as_torch_order(learner, grads, agents, mixer_t), params_t, strict=True):
+            np.testing.assert_allclose(ours, param.grad.numpy(), rtol=PARITY, atol=PARITY * 1e-2)
+        torch.nn.utils.clip_grad_norm_(params_t, c.grad_norm_clip)
+        opt.step()
+    assert clipped == (clip < 1.0), "the cases must cover clipping and no clipping"
+
+    after = torch_agents(learner, learner.params["agent"])
+    for ours, theirs in zip(after, agents):
+        for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+            np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=PARITY, atol=PARITY * 1e-2,
+                                       err_msg=f"agent {name}")
+    if mixer_t is not None and mixer == "qmix":
+        for name, b in mixer_t.named_parameters():
+            np.testing.assert_allclose(learner.params["mixer"][name], b.detach().numpy(), rtol=PARITY,
+                                       atol=PARITY * 1e-2, err_msg=f"mixer {name}")
