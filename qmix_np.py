@@ -858,6 +858,7 @@ def train(env, config, learner=None, callback=None, progress=False):
     Each episode's reset seed is drawn from the learner's Generator when env.reset takes one.
     """
     check_env(env)
+    check_train_arguments(callback, progress)
     if learner is None:
         learner = Learner(config, env.get_env_info())
     elif dataclasses.replace(learner.config, t_max=config.t_max) != config:
@@ -882,6 +883,7 @@ def evaluate(env, learner, n_episodes, seed):
     optimality_ratio: the mean of length / optimal_length over successful episodes.
     """
     check_env(env)
+    check_evaluate_arguments(n_episodes, seed)
     returns, lengths, successes, ratios = [], [], [], []
     for i in range(n_episodes):
         _reset(env, seed + i)
@@ -1062,6 +1064,23 @@ def check_env(env):
                         f"{', '.join(ENV_METHODS)} (see envs.MultiAgentEnv).{hint}")
 
 
+def check_train_arguments(callback, progress):
+    """train()'s callback (None or callable) and progress (a bool, or seconds > 0)."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or callable as callback(learner, episode_return, "
+                        f"length, success), got {callback!r}")
+    if not (isinstance(progress, bool) or _is_real(progress, 0.0, math.inf) and progress > 0):
+        raise ValueError(f"progress must be True, False or a number of seconds > 0, got {progress!r}")
+
+
+def check_evaluate_arguments(n_episodes, seed):
+    """evaluate()'s n_episodes (an int >= 1) and seed (an int >= 0)."""
+    if not _is_int(n_episodes, 1):
+        raise ValueError(f"n_episodes must be an int >= 1, got {n_episodes!r}")
+    if not _is_int(seed, 0):
+        raise ValueError(f"seed must be an int >= 0 (episode i resets with seed + i), got {seed!r}")
+
+
 def check_observation(env, learner):
     """The env's (obs (N, O), state (S,), avail_actions (N, A) as bool), each checked."""
     n, o, s, a = learner.n_agents, learner.obs_dim, learner.state_dim, learner.n_actions
@@ -1098,7 +1117,7 @@ def check_episode(episode, buffer):
     if not isinstance(episode, dict) or set(episode) != {"obs", "state", "avail_actions", "actions",
                                                           "reward", "terminated"}:
         raise ValueError("an episode is a dict of obs, state, avail_actions, actions, reward, terminated")
-    length = len(episode["actions"])
+    length = len(episode["actions"]) if np.ndim(episode["actions"]) else 0
     if not 1 <= length <= buffer.episode_limit:
         raise ValueError(f"an episode must have 1 to episode_limit ({buffer.episode_limit}) steps, got {length}")
     checked = {}

@@ -251,6 +251,13 @@ def bad_input_cases():
         ("learner: not a Config", lambda l, e, g: q.Learner({"mixer": "qmix"}, e.get_env_info()), TypeError, "config must be a Config"),
         ("learner: env_info without n_actions", lambda l, e, g: q.Learner(q.Config(), {"n_agents": 2}), ValueError, "lacks ['n_actions'"),
         ("learner: env_info with 2.7 agents", lambda l, e, g: q.Learner(q.Config(), {**e.get_env_info(), "n_agents": 2.7}), ValueError, "env_info['n_agents'] must be a positive integer"),
+        ("buffer: scalar actions", insert(actions=3), ValueError, "1 to episode_limit (6) steps, got 0"),
+        ("evaluate: no episodes", lambda l, e, g: q.evaluate(e, l, 0, 0), ValueError, "n_episodes must be an int >= 1, got 0"),
+        ("evaluate: float episodes", lambda l, e, g: q.evaluate(e, l, 2.5, 0), ValueError, "n_episodes must be an int >= 1, got 2.5"),
+        ("evaluate: text seed", lambda l, e, g: q.evaluate(e, l, 2, "a"), ValueError, "seed must be an int >= 0"),
+        ("train: progress text", lambda l, e, g: q.train(e, l.config, learner=l, progress="yes"), ValueError, "progress must be True, False or a number of seconds > 0"),
+        ("train: negative progress", lambda l, e, g: q.train(e, l.config, learner=l, progress=-1), ValueError, "progress must be"),
+        ("train: callback not callable", lambda l, e, g: q.train(e, l.config, learner=l, callback=5), TypeError, "callback must be None or callable"),
         ("mixer: unknown name", lambda l, e, g: q.get_mixer("sum"), ValueError, "mixer must be one of"),
     ]
 
