@@ -223,7 +223,7 @@ def build_agent_inputs(obs, last_actions_onehot, config):
         parts.append(last_actions_onehot)
     if config.obs_agent_id:
         n_agents = obs.shape[-2]
-        parts.append(np.broadcast_to(np.eye(n_agents), obs.shape[:-1] + (n_agents,)))  # (..., N, N)
+        parts.append(np.broadcast_to(np.eye(n_agents, dtype=config.dtype), obs.shape[:-1] + (n_agents,)))  # (..., N, N)
     return np.concatenate(parts, axis=-1).astype(config.dtype, copy=False)
 
 
@@ -447,13 +447,12 @@ def masked_td_loss_forward(q_tot, targets, mask):
     """
     mask = np.broadcast_to(mask.reshape(mask.shape + (1,) * (q_tot.ndim - mask.ndim)), q_tot.shape)
     masked_td_error = (q_tot - targets) * mask
-    n_valid = float(mask.sum())
-    return float(np.vdot(masked_td_error, masked_td_error)) / n_valid, (masked_td_error, n_valid)
+    return float(np.vdot(masked_td_error, masked_td_error)) / float(mask.sum()), (masked_td_error, mask)
 
 
 def masked_td_loss_backward(cache):
-    masked_td_error, n_valid = cache
-    return 2.0 * masked_td_error / n_valid  # dL/dQ_tot = 2 mask^2 (Q_tot - y) / sum(mask); mask^2 = mask
+    masked_td_error, mask = cache
+    return 2.0 * masked_td_error / float(mask.sum())  # dL/dQ_tot = 2 mask^2 (Q_tot - y) / sum(mask); mask^2 = mask
 
 
 def loss_and_grads(params, target_params, batch, config):
@@ -482,10 +481,11 @@ def loss_and_grads(params, target_params, batch, config):
                       axis=-1)  # the gather's transpose: a scatter
     agent_grads = agent_backward(dq, agent_cache)
 
-    masked_td_error, n_valid = loss_cache
+    masked_td_error, mask = loss_cache  # pymarl's logged statistics, over the steps that happened
+    n_valid = float(mask.sum())
     diagnostics = {"td_error_abs": float(np.abs(masked_td_error).sum()) / n_valid,
-                   "q_taken_mean": float((q_tot * (masked_td_error != 0)).sum()) / n_valid,
-                   "target_mean": float((targets * (masked_td_error != 0)).sum()) / n_valid}
+                   "q_taken_mean": float((q_tot * mask).sum()) / n_valid,
+                   "target_mean": float((targets * mask).sum()) / n_valid}
     return loss, {"agent": agent_grads, "mixer": mixer_grads}, diagnostics
 
 
@@ -660,6 +660,7 @@ class EpisodeBuffer:
 # ------------------------------------------------------------------------------------------
 
 COUNTERS = ("t_env", "episode", "train_steps", "last_target_update_episode", "skipped_steps")
+HISTORY_KEYS = ("t_env", "return", "length", "success", "loss")  # Learner.history, per training episode
 
 
 class Learner:
@@ -772,9 +773,6 @@ class Learner:
 # ------------------------------------------------------------------------------------------
 # Train and evaluate, for any environment with pymarl's interface
 # ------------------------------------------------------------------------------------------
-
-HISTORY_KEYS = ("t_env", "return", "length", "success", "loss")  # Learner.history, per episode
-
 
 def _reset(env, seed):
     """env.reset(seed=seed) where the env takes a seed (pymarl's interface has none)."""
