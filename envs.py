@@ -13,6 +13,7 @@ qmix_np takes either). They also take reset(seed=...), so an episode can be repl
 
 - TwoStepGame: the coordination game of the QMIX paper (Rashid et al. 2018, section 6.1).
 - MeetingGridworld: agents on a grid must all stand on one goal cell at the same time.
+- CueRecall: each agent must name, at the end, a cue it saw only at the start (needs memory).
 """
 from __future__ import annotations
 
@@ -61,6 +62,19 @@ class MultiAgentEnv:
     def _check_actions(self, actions):
         """The actions (N,) as integers, each in range and available, or a ValueError."""
         return check_actions("actions", actions, self.get_avail_actions().astype(bool, copy=False))
+
+    def _begin_step(self, actions):
+        """step()'s actions, checked; a step after the episode has ended is refused."""
+        if self.done:
+            raise RuntimeError("the episode is over: call reset() first")
+        return self._check_actions(actions)
+
+    @staticmethod
+    def _check_sizes(*rules):
+        """Each rule (name, value, low): value must be an int >= low."""
+        for name, value, low in rules:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 class TwoStepGame(MultiAgentEnv):
@@ -114,9 +128,17 @@ class TwoStepGame(MultiAgentEnv):
         return np.ones((self.n_agents, self.n_actions), dtype=bool)
 
     def situation(self, name):
-        """(obs, state) of state `name` ("1", "2A" or "2B"), e.g. to print a Q_tot table."""
-        state = np.eye(len(self.STATE_NAMES))[self.STATE_NAMES.index(name)]
-        return np.tile(state, (self.n_agents, 1)), state
+        """How an episode reaches state `name` ("1", "2A" or "2B"): the observations so far
+        (t + 1, N, O), the state now (S,) and the actions taken (t, N), None at t = 0; as
+        qmix_np.joint_q_tot takes them, to print a Q_tot table."""
+        one_hots = np.eye(len(self.STATE_NAMES))
+        state = one_hots[self.STATE_NAMES.index(name)]
+        obs = np.tile(state, (self.n_agents, 1))  # (N, O)
+        if name == "1":
+            return obs[None], state, None
+        first = np.tile(one_hots[0], (self.n_agents, 1))
+        action = self.STATE_NAMES.index(name) - 1  # agent 1's action picks the state; agent 2's does not matter
+        return np.stack([first, obs]), state, np.full((1, self.n_agents), action)
 
 
 class MeetingGridworld(MultiAgentEnv):
@@ -139,10 +161,7 @@ class MeetingGridworld(MultiAgentEnv):
     n_actions = 5
 
     def __init__(self, grid_size=5, n_agents=2, max_steps=50, observe_others=False, seed=0):
-        for name, value, low in (("grid_size", grid_size, 2), ("n_agents", n_agents, 1),
-                                 ("max_steps", max_steps, 1)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        self._check_sizes(("grid_size", grid_size, 2), ("n_agents", n_agents, 1), ("max_steps", max_steps, 1))
         if grid_size**2 < n_agents + 1:
             raise ValueError(f"a {grid_size}x{grid_size} grid has {grid_size**2} cells, too few for "
                              f"{n_agents} agents and a goal on distinct cells (needs {n_agents + 1})")
@@ -163,9 +182,7 @@ class MeetingGridworld(MultiAgentEnv):
         return self.get_obs(), self.get_state()
 
     def step(self, actions):
-        if self.done:
-            raise RuntimeError("the episode is over: call reset() first")
-        actions = self._check_actions(actions)
+        actions = self._begin_step(actions)
         moved = self.positions + self.MOVES[actions]
         self.positions = np.minimum(np.maximum(moved, 0), self.grid_size - 1)  # clipped at the walls
         self.steps += 1
@@ -193,3 +210,72 @@ class MeetingGridworld(MultiAgentEnv):
 
     def get_avail_actions(self):
         return np.ones((self.n_agents, self.n_actions), dtype=bool)
+
+
+class CueRecall(MultiAgentEnv):
+    """A task that needs memory: each agent sees a cue once, at the first step, and must name it
+    at the last step; the team scores only if every agent names its own cue.
+
+    At t = 0 each agent i observes its private cue c_i, drawn uniformly from n_cues values. For
+    the next `delay` steps it observes nothing and can only wait. At the last step (t = delay + 1)
+    it is told to answer and can only answer: action 1 + k names cue k. Reward 1 and the episode
+    ends if every agent named its cue, else reward 0 and it ends too; the return is 1 or 0.
+    Action 0 (wait) is the only action available before the last step, so the previous action,
+    which pymarl feeds back to the agent, carries nothing about the cue.
+
+    Observation of agent i: [one-hot of c_i (zeros after t = 0), 1 at the answer step]. Global
+    state: every agent's cue one-hot, then t / episode_limit (the mixer may see the cues; the
+    agents act on their own observations only).
+
+    The best memoryless agent: an agent whose action depends only on its current observation
+    sees the same thing at the answer step whatever its cue, so its answer is independent of
+    the cue and right with probability 1 / n_cues. The agents' cues are independent, so its
+    expected return (the team's success rate) is at most (1 / n_cues) ** n_agents: 1/9 with
+    the defaults. An agent with memory can reach 1.
+    """
+
+    def __init__(self, n_agents=2, n_cues=3, delay=4, seed=0):
+        self._check_sizes(("n_agents", n_agents, 1), ("n_cues", n_cues, 2), ("delay", delay, 0))
+        self.n_agents, self.n_cues, self.delay = n_agents, n_cues, delay
+        self.n_actions, self.episode_limit = n_cues + 1, delay + 2
+        self.rng = np.random.default_rng(seed)
+        self.reset()
+
+    def memoryless_bound(self):
+        """The best expected return of agents that act on their current observation only."""
+        return (1 / self.n_cues) ** self.n_agents
+
+    def reset(self, seed=None):
+        rng = self.rng if seed is None else np.random.default_rng(seed)
+        self.cues = rng.integers(self.n_cues, size=self.n_agents)  # (N,)
+        self.steps, self.done = 0, False
+        return self.get_obs(), self.get_state()
+
+    def step(self, actions):
+        actions = self._begin_step(actions)
+        self.steps += 1
+        if self.steps < self.episode_limit:
+            return 0.0, False, {"episode_limit": False}
+        self.done = True
+        return float(np.all(actions == self.cues + 1)), True, {"episode_limit": False}
+
+    def answer_step(self):
+        return self.steps == self.episode_limit - 1
+
+    def get_obs(self):
+        obs = np.zeros((self.n_agents, self.n_cues + 1))
+        if self.steps == 0:
+            obs[np.arange(self.n_agents), self.cues] = 1.0
+        obs[:, -1] = float(self.answer_step())
+        return obs
+
+    def get_state(self):
+        return np.concatenate([np.eye(self.n_cues)[self.cues].ravel(), [self.steps / self.episode_limit]])
+
+    def get_avail_actions(self):
+        avail = np.zeros((self.n_agents, self.n_actions), dtype=bool)
+        if self.answer_step():
+            avail[:, 1:] = True
+        else:
+            avail[:, 0] = True
+        return avail

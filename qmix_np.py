@@ -18,15 +18,16 @@ where the target networks (^-) are hard copies and a' is chosen by double Q.
 The learner is pymarl's (oxwhirl/pymarl: QMixer, QLearner, BasicMAC, EpisodeBatch), so the two
 can be read side by side: whole episodes are stored, a batch of episodes is sampled, the agent
 network runs over every time step, and the TD loss is masked to the steps that happened. The
-agent is EPyMARL's RNNAgent with use_rnn=False: fc1 -> ReLU -> rnn (a Linear) -> ReLU -> fc2.
+agent is pymarl's RNNAgent, fc1 -> ReLU -> GRUCell -> fc2, trained by backpropagation through
+time; with use_rnn=False, EPyMARL's feed-forward variant fc1 -> ReLU -> Linear -> ReLU -> fc2.
 The README lists where this file departs from the paper and pymarl.
 
 Sections follow the data: config -> primitives -> agent network -> mixers -> TD loss over
 episodes -> optimisers -> episode replay buffer -> learner -> train / evaluate. Then, under one
 banner, input validation and the checkpoint format, which the algorithm calls but never needs
 to be read for. Every forward returns (out, cache) and every backward takes (dout, cache) and
-returns (d_input, {param name: grad}); nothing keeps hidden state, so online and target
-networks can both run forward before any backward.
+returns (d_input, {param name: grad}); no function keeps state between calls, so online and
+target networks can both run forward before any backward.
 
 Shapes: B episodes in a batch, T time steps with an action (an episode stores T + 1 states),
 N agents, O observation, A actions, I agent input (O, + A with the last action, + N with the
@@ -64,6 +65,7 @@ class Config:
     mixing_embed_dim: int = 32  # E: width of the mixing network's hidden layer
     hypernet_layers: int = 2  # 1 or 2 Linear layers in hyper_w_1 / hyper_w_final (pymarl qmix.yaml: 2)
     hypernet_embed: int = 64  # hidden width of the 2-layer hypernetworks
+    use_rnn: bool = True  # agent = fc1 -> GRUCell -> fc2 (pymarl's RNNAgent), else its middle is a Linear (EPyMARL)
     hidden_dim: int = 64  # H: the agent network's width (EPyMARL's hidden_dim, pymarl's rnn_hidden_dim)
     shared_agent: bool = True  # one agent network shared by all agents (pymarl), else one per agent
     obs_last_action: bool = True  # agent input includes the one-hot of its previous action (pymarl)
@@ -151,11 +153,78 @@ def abs_backward(dout, cache):
     return dout * np.sign(cache), {}  # d|x|/dx = sign(x)
 
 
-def mlp_forward(params, layers, x):
-    """Linear layers named `layers` (keys `{name}.weight`, `{name}.bias`), ReLU between them.
+def sigmoid(x):
+    """1 / (1 + exp(-x)), written with tanh so that no exp overflows."""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
-    This is both the agent network (fc1 -> rnn -> fc2) and pymarl's nn.Sequential hypernetworks
-    (e.g. V.0 -> ReLU -> V.2). The last layer has no activation.
+
+def gru_cell_forward(x, h, weight_ih, weight_hh, bias_ih, bias_hh):
+    """One step of PyTorch's nn.GRUCell, gates stacked r, z, n in its layout:
+
+        r  = sigmoid(W_ir x + b_ir + W_hr h + b_hr)        (reset gate)
+        z  = sigmoid(W_iz x + b_iz + W_hz h + b_hz)        (update gate)
+        n  = tanh(W_in x + b_in + r * (W_hn h + b_hn))     (candidate)
+        h' = (1 - z) * n + z * h
+
+    x (..., M, In), h (..., M, H); weight_ih (3H, In), weight_hh (3H, H), bias_ih, bias_hh (3H,),
+    each with a leading group axis for one cell per agent, as linear_forward -> h' (..., M, H).
+    """
+    input_part, input_cache = linear_forward(x, weight_ih, bias_ih)  # (..., M, 3H)
+    hidden_part, hidden_cache = linear_forward(h, weight_hh, bias_hh)  # (..., M, 3H)
+    i_r, i_z, i_n = np.split(input_part, 3, axis=-1)
+    h_r, h_z, h_n = np.split(hidden_part, 3, axis=-1)
+    r = sigmoid(i_r + h_r)
+    z = sigmoid(i_z + h_z)
+    n = np.tanh(i_n + r * h_n)
+    h_new = (1 - z) * n + z * h
+    return h_new, (input_cache, hidden_cache, h, h_n, r, z, n)
+
+
+def gru_cell_backward(dh_new, cache):
+    """Returns dL/dx, dL/dh and the gradients of weight_ih, weight_hh, bias_ih, bias_hh."""
+    input_cache, hidden_cache, h, h_n, r, z, n = cache
+    dn = dh_new * (1 - z)  # dh'/dn = 1 - z
+    dz = dh_new * (h - n)  # dh'/dz = h - n
+    dn_pre = dn * (1 - n * n)  # tanh'(a) = 1 - tanh(a)^2
+    dr = dn_pre * h_n  # d(i_n + r h_n)/dr = h_n
+    dr_pre = dr * r * (1 - r)  # sigmoid'(a) = sigmoid(a) (1 - sigmoid(a))
+    dz_pre = dz * z * (1 - z)
+    d_input_part = np.concatenate([dr_pre, dz_pre, dn_pre], axis=-1)  # d(i_r, i_z, i_n): each enters its gate with slope 1
+    d_hidden_part = np.concatenate([dr_pre, dz_pre, dn_pre * r], axis=-1)  # d(h_r, h_z, h_n): h_n is scaled by r
+    dx, input_grads = linear_backward(d_input_part, input_cache)
+    dh, hidden_grads = linear_backward(d_hidden_part, hidden_cache)
+    dh = dh + dh_new * z  # plus the direct path: dh'/dh = z
+    return dx, dh, {"weight_ih": input_grads["weight"], "weight_hh": hidden_grads["weight"],
+                    "bias_ih": input_grads["bias"], "bias_hh": hidden_grads["bias"]}
+
+
+def gru_forward(x, h, weights):
+    """The GRU cell unrolled over time: x (T, ..., M, In) time first, h (..., M, H) the state
+    before step 0 -> hs (T, ..., M, H), the state after every step. weights: gru_cell_forward's."""
+    hs, caches = [], []
+    for x_t in x:
+        h, cache = gru_cell_forward(x_t, h, **weights)
+        hs.append(h)
+        caches.append(cache)
+    return np.stack(hs), caches
+
+
+def gru_backward(dhs, caches):
+    """Backpropagation through time. dhs (T, ..., M, H): the loss's gradient with respect to each
+    step's output through the layers above it. Step t's state also feeds step t + 1, so its total
+    gradient is dhs[t] plus what flows back from t + 1. Returns dL/dx (T, ..., M, In) and the
+    weights' gradients summed over the steps."""
+    dx = [None] * len(caches)
+    dh_next, grads = 0.0, {}
+    for t in reversed(range(len(caches))):
+        dx[t], dh_next, step_grads = gru_cell_backward(dhs[t] + dh_next, caches[t])
+        grads = {k: grads.get(k, 0.0) + g for k, g in step_grads.items()}
+    return np.stack(dx), grads
+
+
+def mlp_forward(params, layers, x):
+    """Linear layers named `layers` (keys `{name}.weight`, `{name}.bias`), ReLU between them:
+    pymarl's nn.Sequential hypernetworks (e.g. V.0 -> ReLU -> V.2). The last layer has no activation.
     """
     caches = []
     for i, name in enumerate(layers):
@@ -190,20 +259,31 @@ def init_linear(rng, name, in_dim, out_dim, groups=None, dtype=np.float64):
 
 
 # ------------------------------------------------------------------------------------------
-# Agent network: Q_i(o_i, .) for every agent, at every step of every episode at once
+# Agent network: Q_i(tau_i, .) for every agent at every step of every episode, tau_i its history
 # ------------------------------------------------------------------------------------------
 
-AGENT_LAYERS = ("fc1", "rnn", "fc2")  # EPyMARL's RNNAgent names; with use_rnn=False, `rnn` is a Linear
+def init_gru_cell(rng, name, in_dim, hidden_dim, groups=None, dtype=np.float64):
+    """PyTorch's nn.GRUCell initialisation: every weight and bias uniform in +-1/sqrt(hidden_dim)."""
+    lead = () if groups is None else (groups,)
+    bound = 1.0 / math.sqrt(hidden_dim)
+    shapes = {"weight_ih": (3 * hidden_dim, in_dim), "weight_hh": (3 * hidden_dim, hidden_dim),
+              "bias_ih": (3 * hidden_dim,), "bias_hh": (3 * hidden_dim,)}
+    return {f"{name}.{key}": rng.uniform(-bound, bound, lead + shape).astype(dtype) for key, shape in shapes.items()}
 
 
-def init_agent_params(rng, input_dim, hidden_dim, n_actions, n_agents=None, dtype=np.float64):
-    """fc1 (H, I) -> ReLU -> rnn (H, H) -> ReLU -> fc2 (A, H): the keys of EPyMARL's RNNAgent.
+def init_agent_params(rng, input_dim, hidden_dim, n_actions, use_rnn=True, n_agents=None, dtype=np.float64):
+    """The parameters of pymarl's RNNAgent (use_rnn) or EPyMARL's with use_rnn=False, by their keys:
+
+        fc1 (H, I) -> ReLU -> rnn -> fc2 (A, H)
+        use_rnn:  rnn is a GRUCell: rnn.weight_ih (3H, H), rnn.weight_hh (3H, H), rnn.bias_ih, rnn.bias_hh (3H,)
+        else:     rnn is a Linear (H, H), followed by a ReLU
 
     n_agents None: one network shared by all agents, as in pymarl.
     n_agents N: one network per agent, stacked on a leading axis (fc1.weight (N, H, I)).
     """
+    rnn = init_gru_cell if use_rnn else init_linear
     return {**init_linear(rng, "fc1", input_dim, hidden_dim, n_agents, dtype),
-            **init_linear(rng, "rnn", hidden_dim, hidden_dim, n_agents, dtype),
+            **rnn(rng, "rnn", hidden_dim, hidden_dim, n_agents, dtype),
             **init_linear(rng, "fc2", hidden_dim, n_actions, n_agents, dtype)}
 
 
@@ -235,34 +315,81 @@ def episode_agent_inputs(batch, config):
     return build_agent_inputs(batch["obs"], last, config)
 
 
-def agent_forward(params, inputs):
-    """Q-values of every agent: inputs (..., N, I) -> q (..., N, A).
+def to_rows(x, shared):
+    """(T, B, N, F) -> the rows a layer multiplies: shared (T B N, F); one network per agent (N, T B, F).
+    A shared network sees every agent, step and episode as one batch of rows, so its gradient
+    sums over all of them; per-agent networks run as one batched matmul over the agent axis."""
+    steps, batch, n_agents, features = x.shape
+    return x.reshape(-1, features) if shared else x.reshape(-1, n_agents, features).swapaxes(0, 1)
 
-    A shared network sees all rows of all agents as one batch, so its gradient sums over agents,
-    time steps and episodes; per-agent networks run as one batched matmul over the agent axis.
-    """
-    *lead, n_agents, in_dim = inputs.shape
-    shared = params["fc1.weight"].ndim == 2
-    if shared:
-        x = inputs.reshape(-1, in_dim)  # (M N, I)
-    else:
-        x = inputs.reshape(-1, n_agents, in_dim).swapaxes(0, 1)  # (N, M, I)
-    q, mlp_cache = mlp_forward(params, AGENT_LAYERS, x)
+
+def from_rows(rows, shared, steps, batch):
+    """to_rows' inverse: -> (T, B, N, F)."""
     if not shared:
-        q = q.swapaxes(0, 1)  # (M, N, A)
-    return q.reshape(*lead, n_agents, -1), (shared, n_agents, mlp_cache)
+        rows = rows.swapaxes(0, 1)  # (T B, N, F)
+    return rows.reshape(steps, batch, -1, rows.shape[-1])
+
+
+def split_steps(rows, shared, steps):
+    """Rows -> one slice per time step: shared (T, B N, F); per agent (T, N, B, F)."""
+    if shared:
+        return rows.reshape(steps, -1, rows.shape[-1])
+    return rows.reshape(rows.shape[0], steps, -1, rows.shape[-1]).swapaxes(0, 1)
+
+
+def join_steps(per_step, shared):
+    """split_steps' inverse."""
+    if shared:
+        return per_step.reshape(-1, per_step.shape[-1])
+    steps, n_agents, batch, features = per_step.shape
+    return per_step.swapaxes(0, 1).reshape(n_agents, steps * batch, features)
+
+
+def agent_forward(params, inputs, hidden=None):
+    """Q-values of every agent at every step of B episodes, as pymarl's BasicMAC runs its agent
+    over t = 0, 1, ...: inputs (B, T, N, I) -> q (B, T, N, A), and the hidden state after the
+    last step (B, N, H) (None for the feed-forward agent).
+
+    fc1 and fc2 see all steps at once. With a GRU (params has rnn.weight_ih) the middle runs step
+    by step from `hidden` (None: zeros, the start of an episode); without, rnn is a Linear + ReLU.
+    """
+    batch, steps, n_agents, _ = inputs.shape
+    shared, use_rnn = params["fc1.weight"].ndim == 2, "rnn.weight_ih" in params
+    x = to_rows(inputs.swapaxes(0, 1), shared)  # time first: (T B N, I) or (N, T B, I)
+    x, fc1_cache = linear_forward(x, params["fc1.weight"], params["fc1.bias"])
+    x, relu1_cache = relu_forward(x)  # (T B N, H) or (N, T B, H)
+    if use_rnn:
+        h0 = np.zeros((batch, n_agents, x.shape[-1]), x.dtype) if hidden is None else hidden
+        gru = {k: params[f"rnn.{k}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        hs, rnn_cache = gru_forward(split_steps(x, shared, steps), to_rows(h0[None], shared), gru)
+        h = join_steps(hs, shared)
+        hidden = from_rows(hs[-1], shared, 1, batch)[0]  # (B, N, H)
+    else:
+        h, linear_cache = linear_forward(x, params["rnn.weight"], params["rnn.bias"])
+        h, relu2_cache = relu_forward(h)
+        rnn_cache, hidden = (linear_cache, relu2_cache), None
+    q, fc2_cache = linear_forward(h, params["fc2.weight"], params["fc2.bias"])
+    q = from_rows(q, shared, steps, batch).swapaxes(0, 1)  # (B, T, N, A)
+    return q, hidden, (shared, use_rnn, steps, fc1_cache, relu1_cache, rnn_cache, fc2_cache)
 
 
 def agent_backward(dq, cache):
-    """Gradients of fc1, rnn, fc2 from dL/dq (..., N, A). The inputs are data: no dL/d inputs."""
-    shared, n_agents, mlp_cache = cache
-    n_actions = dq.shape[-1]
-    if shared:
-        dq = dq.reshape(-1, n_actions)  # (M N, A)
+    """Gradients of fc1, rnn and fc2 from dL/dq (B, T, N, A); through time for the GRU. The
+    inputs are data: no dL/d inputs."""
+    shared, use_rnn, steps, fc1_cache, relu1_cache, rnn_cache, fc2_cache = cache
+    dq = to_rows(dq.swapaxes(0, 1), shared)
+    dh, fc2_grads = linear_backward(dq, fc2_cache)
+    if use_rnn:
+        dx, rnn_grads = gru_backward(split_steps(dh, shared, steps), rnn_cache)
+        dx = join_steps(dx, shared)
     else:
-        dq = dq.reshape(-1, n_agents, n_actions).swapaxes(0, 1)  # (N, M, A)
-    _, grads = mlp_backward(dq, mlp_cache, input_grad=False)
-    return grads
+        linear_cache, relu2_cache = rnn_cache
+        dh, _ = relu_backward(dh, relu2_cache)
+        dx, rnn_grads = linear_backward(dh, linear_cache)
+    dx, _ = relu_backward(dx, relu1_cache)
+    _, fc1_grads = linear_backward(dx, fc1_cache, input_grad=False)
+    return {**{f"fc1.{k}": g for k, g in fc1_grads.items()}, **{f"rnn.{k}": g for k, g in rnn_grads.items()},
+            **{f"fc2.{k}": g for k, g in fc2_grads.items()}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,13 +540,13 @@ def td_targets(target_params, batch, inputs, online_q, config):
     """y_t = r_t + gamma (1 - terminated_t) Q_tot^-(s_{t+1}, a'_{t+1}) for t < T: (B, T), or
     (B, T, N) for independent learners. A constant for the loss: the stop-gradient is here.
 
-    The target agent net runs over t = 0..T (inputs (B, T + 1, N, I)) and its Qs at t + 1 are
-    kept. Double Q: a'_i = argmax over available actions of the ONLINE Qs (online_q, the
-    learner's own forward) at t + 1; without it, of the target Qs (their max). The target mixer
-    sees state[:, 1:]. At padded steps every action is unavailable and a' is 0: a finite
+    The target agent net runs over t = 0..T (inputs (B, T + 1, N, I)), from a zero hidden state
+    at t = 0 as the online one, and its Qs at t + 1 are kept. Double Q: a'_i = argmax over
+    available actions of the ONLINE Qs (online_q, the learner's own forward) at t + 1; without
+    it, of the target Qs (their max). The target mixer sees state[:, 1:]. At padded steps every action is unavailable and a' is 0: a finite
     value that the mask removes.
     """
-    target_q, _ = agent_forward(target_params["agent"], inputs)  # (B, T + 1, N, A)
+    target_q, _, _ = agent_forward(target_params["agent"], inputs)  # (B, T + 1, N, A)
     target_q = target_q[:, 1:]  # (B, T, N, A): the Qs at t + 1
     chooser = online_q[:, 1:] if config.double_q else target_q
     best = masked_argmax(chooser, batch["avail_actions"][:, 1:])  # (B, T, N)
@@ -466,7 +593,7 @@ def loss_and_grads(params, target_params, batch, config):
     mask = loss_mask(batch)  # (B, T)
     # Estimated Qs at every step (one forward), and those of the actions taken
     inputs = episode_agent_inputs(batch, config)  # (B, T + 1, N, I)
-    q, agent_cache = agent_forward(params["agent"], inputs)  # (B, T + 1, N, A)
+    q, _, agent_cache = agent_forward(params["agent"], inputs)  # (B, T + 1, N, A), from h = 0 at t = 0
     chosen = take(q[:, :-1], batch["actions"])  # (B, T, N)
     # Targets from the target networks: constants
     targets = td_targets(target_params, batch, inputs, q, config)
@@ -489,17 +616,21 @@ def loss_and_grads(params, target_params, batch, config):
     return loss, {"agent": agent_grads, "mixer": mixer_grads}, diagnostics
 
 
-def joint_q_tot(params, config, obs, state, last_actions=None):
-    """Q_tot of EVERY joint action in one situation: obs (N, O), state (S,) -> (A,) * N.
+def joint_q_tot(params, config, obs, state, actions=None):
+    """Q_tot of EVERY joint action after a history: (A,) * N.
 
-    last_actions (N,) feeds obs_last_action (None: the first step). For independent learners
-    ("none") there is no Q_tot; this returns sum_i Q_i, the joint utility their greedy actions
-    maximise. Used to print tables and to check IGM by brute force.
+    obs (t + 1, N, O): what the agents saw at steps 0..t; actions (t, N): what they did at steps
+    0..t - 1 (None when t = 0); state (S,): the global state at step t. The agents run over the
+    history (their GRU state and last actions follow it) and the table is at step t. For
+    independent learners ("none") there is no Q_tot; this returns sum_i Q_i, the joint utility
+    their greedy actions maximise. Used to print tables and to check IGM by brute force.
     """
-    n_agents = len(obs)
-    n_actions = params["agent"]["fc2.bias"].shape[-1]
-    last = np.zeros((n_agents, n_actions)) if last_actions is None else one_hot(last_actions, n_actions, float)
-    q, _ = agent_forward(params["agent"], build_agent_inputs(np.asarray(obs, float), last, config))  # (N, A)
+    obs = np.asarray(obs, dtype=config.dtype)[None]  # (1, t + 1, N, O): one episode
+    n_agents, n_actions = obs.shape[-2], params["agent"]["fc2.bias"].shape[-1]
+    actions = np.zeros((1, 0, n_agents), np.int64) if actions is None else np.asarray(actions)[None]
+    batch = {"obs": obs, "actions": actions, "avail_actions": np.ones(obs.shape[:-1] + (n_actions,), bool)}
+    q, _, _ = agent_forward(params["agent"], episode_agent_inputs(batch, config))
+    q = q[0, -1]  # (N, A): at step t
     joint = np.indices((n_actions,) * n_agents).reshape(n_agents, -1).T  # (A^N, N)
     agent_qs = q[np.arange(n_agents), joint]  # (A^N, N)
     states = np.broadcast_to(np.asarray(state, dtype=q.dtype), (len(joint), len(state)))
@@ -685,7 +816,7 @@ class Learner:
         groups = None if config.shared_agent else self.n_agents
         self.theta, self.params = pack({  # all parameters in one vector; params: named views of it
             "agent": init_agent_params(self.rng, input_dim, config.hidden_dim, self.n_actions,
-                                       groups, self.dtype),
+                                       config.use_rnn, groups, self.dtype),
             "mixer": init_mixer(self.rng, config, self.n_agents, self.state_dim),
         })
         self.target_theta, self.target_params = pack(self.params)
@@ -699,6 +830,12 @@ class Learner:
         self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient norm
         self.last_diagnostics = None  # what the latest train_step returned
         self.history = {key: [] for key in HISTORY_KEYS}  # per training episode (not saved)
+        self.init_hidden()
+
+    def init_hidden(self):
+        """Start of an episode: every agent's GRU state to zero (pymarl's BasicMAC.init_hidden).
+        self.hidden (1, N, H) is the state select_actions carries; None means zeros."""
+        self.hidden = None
 
     def epsilon(self):
         """Linear from epsilon_start to epsilon_finish over epsilon_anneal_time env steps."""
@@ -710,8 +847,10 @@ class Learner:
         """Epsilon-greedy actions (N,) at one env step; random ones are uniform over AVAILABLE actions.
 
         obs (N, O); avail_actions (N, A); last_actions (N,), each agent's previous action (None
-        at the first step of an episode); epsilon in [0, 1]. Each agent's action depends only on
-        its own inputs: execution is decentralised. epsilon 0 draws nothing from the Generator.
+        at the first step of an episode); epsilon in [0, 1]. With a GRU agent, each agent's hidden
+        state is carried from call to call in self.hidden: call init_hidden() when an episode
+        starts. Each agent's action depends only on its own inputs and hidden state: execution is
+        decentralised. epsilon 0 draws nothing from the Generator.
         """
         obs, avail, last_actions = check_select_actions(self, obs, avail_actions, last_actions, epsilon)
         return self._select_actions(obs, avail, last_actions, epsilon)
@@ -722,8 +861,9 @@ class Learner:
             last = np.zeros((self.n_agents, self.n_actions), self.dtype)
         else:
             last = one_hot(last_actions, self.n_actions, self.dtype)
-        q, _ = agent_forward(self.params["agent"], build_agent_inputs(obs, last, self.config))  # (N, A)
-        greedy = masked_argmax(q, avail)  # (N,)
+        inputs = build_agent_inputs(obs, last, self.config)[None, None]  # (1, 1, N, I): one step of one episode
+        q, self.hidden, _ = agent_forward(self.params["agent"], inputs, self.hidden)
+        greedy = masked_argmax(q[0, 0], avail)  # (N,)
         if epsilon == 0:
             return greedy
         explore = self.rng.random(self.n_agents) < epsilon  # (N,): these agents act at random
@@ -794,6 +934,7 @@ def run_episode(env, learner, learn=False):
     limit = learner.env_info["episode_limit"]
     epsilon = learner.epsilon() if learn else 0.0
     obs, state, avail = check_observation(env, learner)  # see "Input validation"
+    learner.init_hidden()
     episode = {"obs": [obs], "state": [state], "avail_actions": [avail], "actions": [], "reward": [],
                "terminated": []}
     episode_return, terminated, info, actions = 0.0, False, {}, None
@@ -925,6 +1066,7 @@ _CONFIG_RULES = (  # (field, test, what it must be)
     ("mixing_embed_dim", lambda v: _is_int(v, 1), "an int >= 1"),
     ("hypernet_layers", lambda v: _is_int(v, 1) and v <= 2, "1 or 2"),
     ("hypernet_embed", lambda v: _is_int(v, 1), "an int >= 1"),
+    ("use_rnn", lambda v: isinstance(v, bool), "True or False"),
     ("hidden_dim", lambda v: _is_int(v, 1), "an int >= 1"),
     ("shared_agent", lambda v: isinstance(v, bool), "True or False"),
     ("obs_last_action", lambda v: isinstance(v, bool), "True or False"),
@@ -1136,7 +1278,7 @@ def check_episode(episode, buffer):
 # --- Checkpoint format: named arrays in one .npz, no pickles, a SHA-256 digest over all of them
 
 CHECKPOINT_FORMAT = "qmix-np checkpoint"
-CHECKPOINT_VERSION = 2  # 2: the episode buffer; 1 (transition replay) is refused
+CHECKPOINT_VERSION = 3  # 3: use_rnn (the GRU agent); 2 (no use_rnn) and 1 (transition replay) are refused
 
 
 def _digest(arrays):
@@ -1205,7 +1347,8 @@ def _read_arrays(path):
     if version is None or version.shape != () or version.dtype.kind not in "iu":
         raise ValueError(f"{path}: no integer format version")
     if int(version) != CHECKPOINT_VERSION:
-        older = " (version 1 held single transitions, before the episode learner)" if int(version) == 1 else ""
+        older = {1: " (version 1 held single transitions, before the episode learner)",
+                 2: " (version 2 came before the GRU agent and Config.use_rnn)"}.get(int(version), "")
         raise ValueError(f"{path}: checkpoint format version {int(version)}{older}; this code reads "
                          f"version {CHECKPOINT_VERSION} only")
     required = {"format", "version", "config", "env_info", "theta", "target_theta", "optim_t",

@@ -102,11 +102,25 @@ def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
         q.Learner.load(path, env_info=envs.MeetingGridworld().get_env_info())
 
 
+@pytest.mark.parametrize("use_rnn", [True, False], ids=["gru", "mlp"])
+def test_a_gru_checkpoint_and_a_feed_forward_one_are_not_interchangeable(tmp_path, use_rnn):
+    """Each loads back with its recurrent or feed-forward parameters, and is refused, by name,
+    by a config with the other agent."""
+    learner, path = saved(tmp_path, use_rnn=use_rnn)
+    loaded = q.Learner.load(path)
+    assert loaded.config.use_rnn is use_rnn and ("rnn.weight_hh" in loaded.params["agent"]) is use_rnn
+    np.testing.assert_array_equal(loaded.theta, learner.theta)
+    other = q.Config(t_max=80, hidden_dim=8, batch_size=4, buffer_size=50, obs_last_action=False, use_rnn=not use_rnn)
+    with pytest.raises(ValueError, match="differs in \\['use_rnn'\\]"):
+        q.Learner.load(path, config=other)
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda a: {**a, "theta": a["theta"][:-1]}, "digest"),
     (lambda a: {k: v for k, v in a.items() if k != "optim_t"}, "lacks \\['optim_t'\\]"),
     (lambda a: {**a, "version": np.array(1)}, "version 1 \\(version 1 held single transitions"),
-    (lambda a: {**a, "version": np.array(3)}, "version 3; this code reads version 2"),
+    (lambda a: {**a, "version": np.array(2)}, "version 2 \\(version 2 came before the GRU agent"),
+    (lambda a: {**a, "version": np.array(4)}, "version 4; this code reads version 3"),
     (lambda a: {**a, "version": np.array("2")}, "no integer format version"),
     (lambda a: {k: v for k, v in a.items() if k != "format"}, "not a qmix-np checkpoint"),
 ])
@@ -187,7 +201,7 @@ def test_a_non_finite_step_raises_and_changes_nothing(q_bias, what, finite_eleme
                                          ("hidden_dim", 0), ("double_q", "yes"), ("optimizer", "sgd"),
                                          ("grad_norm_clip", float("nan")), ("t_max", -1),
                                          ("adam_betas", (0.9,)), ("epsilon_finish", 2.0),
-                                         ("obs_last_action", 1), ("optim_alpha", 1.0)])
+                                         ("obs_last_action", 1), ("optim_alpha", 1.0), ("use_rnn", "no")])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"Config.{field}"):
         q.Config(**{field: value})

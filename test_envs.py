@@ -163,6 +163,64 @@ def test_gridworld_shortest_length(positions, goal, shortest):
 
 
 # ------------------------------------------------------------------------------------------
+# The memory task
+# ------------------------------------------------------------------------------------------
+
+
+def test_cue_recall_rules():
+    """The cue is seen at t = 0 only; only 'wait' is available until the answer step, where only
+    the answers are; the team scores 1 when every agent names its own cue."""
+    env = envs.CueRecall(n_agents=2, n_cues=3, delay=2)
+    assert env.get_env_info() == {"state_shape": 7, "obs_shape": 4, "n_actions": 4, "n_agents": 2,
+                                  "episode_limit": 4}
+    for answers_right in (True, False):
+        env.reset(seed=1)
+        cues = env.cues.copy()
+        np.testing.assert_array_equal(env.get_obs()[:, :3], np.eye(3)[cues])
+        for t in range(3):
+            if t > 0:
+                np.testing.assert_array_equal(env.get_obs(), 0)  # blank during the delay
+            np.testing.assert_array_equal(env.get_avail_actions(), [[1, 0, 0, 0]] * 2)
+            assert env.step([0, 0]) == (0.0, False, {"episode_limit": False})
+        np.testing.assert_array_equal(env.get_obs(), [[0, 0, 0, 1]] * 2)  # answer now, no cue
+        np.testing.assert_array_equal(env.get_avail_actions(), [[0, 1, 1, 1]] * 2)
+        np.testing.assert_array_equal(env.get_state()[:6], np.eye(3)[cues].ravel())
+        answers = cues + 1 if answers_right else np.array([cues[0] + 1, (cues[1] + 1) % 3 + 1])
+        assert env.step(answers) == (float(answers_right), True, {"episode_limit": False})
+    with pytest.raises(ValueError):
+        envs.CueRecall(delay=1).step([1, 1])  # answering before the answer step: not available
+
+
+def test_cue_recall_memoryless_bound_by_enumeration():
+    """A memoryless agent sees the same thing at the answer step whatever its cue, so its answer
+    is fixed; over every cue combination and every fixed answer, the team's success rate is at
+    most (1 / n_cues) ** n_agents, and remembering the cue gets 1."""
+    env = envs.CueRecall(n_agents=2, n_cues=3)
+    combinations = list(np.ndindex(3, 3))
+    best = max(np.mean([cues == answers for cues in combinations]) for answers in combinations)
+    assert best == pytest.approx(env.memoryless_bound()) == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"n_cues": 1}, "n_cues must be an int >= 2"),
+                                            ({"delay": -1}, "delay must be an int >= 0"),
+                                            ({"n_agents": 1.5}, "n_agents must be an int >= 1")])
+def test_cue_recall_says_clearly_when_it_cannot_be_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        envs.CueRecall(**kwargs)
+
+
+def test_the_gru_agent_learns_to_remember_and_the_feed_forward_one_cannot():
+    """One agent, two cues, one blank step: the MLP stays at the memoryless bound (50%)."""
+    env = envs.CueRecall(n_agents=1, n_cues=2, delay=1)
+    rates = {}
+    for use_rnn in (True, False):
+        config = q.Config(use_rnn=use_rnn, t_max=6000, epsilon_anneal_time=3000, buffer_size=200,
+                          target_update_interval=20, lr=1e-3, hidden_dim=32, seed=0)
+        rates[use_rnn] = q.evaluate(env, q.train(env, config), 200, seed=10**6)["mean_return"]
+    assert rates[True] == 1.0 and rates[False] <= 0.6, rates
+
+
+# ------------------------------------------------------------------------------------------
 # Your own environment: the time limit, and what is refused
 # ------------------------------------------------------------------------------------------
 

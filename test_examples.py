@@ -32,11 +32,17 @@ def test_the_examples_run_from_another_folder_and_write_only_there(tmp_path):
                   "--t-max", "0", "--eval-episodes", "5", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.splitlines()[-1])["QMIX"]["success_rate"][0] >= 0
+    memory = run(tmp_path, HERE / "examples" / "memory_task.py", "--seeds", "1", "--t-max", "200",
+                 "--eval-episodes", "5", "--json")
+    assert memory.returncode == 0, memory.stderr
+    report = json.loads(memory.stdout)
+    assert report["memoryless_bound"] == 1 / 9 and 1 / 9 <= report["memoryless_best_on_evaluation"] <= 1
+    assert set(report) == {"memoryless_bound", "memoryless_best_on_evaluation", "GRU (use_rnn=True)", "MLP (use_rnn=False)"}
     assert sorted(p.stat().st_mtime_ns for p in (HERE / "examples" / "results").iterdir()) == before
 
 
 def test_the_help_shows_every_default():
-    for script in ("vdn_vs_qmix.py", "meeting_gridworld.py", "benchmark.py"):
+    for script in ("vdn_vs_qmix.py", "meeting_gridworld.py", "memory_task.py", "benchmark.py"):
         shown = run(HERE, HERE / "examples" / script, "--help").stdout
         options = re.findall(r"^  (--[a-z-]+)", shown, flags=re.M)
         assert options and shown.count("(default:") >= len(options) - 1, script  # all but --help
@@ -48,12 +54,14 @@ def test_benchmark_runs_and_reports_every_part_as_json():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["blas_threads"] == 1 and report["dtype"] == "float32"
-    assert [row["size"] for row in report["train_step"]] == [dict(N=2, O=3, A=2, S=2, B=4, T=5),
-                                                             dict(N=3, O=2, A=4, S=5, B=6, T=3)]
+    assert [(row["size"], row["agent"]) for row in report["train_step"]] == [
+        (dict(N=2, O=3, A=2, S=2, B=4, T=5), "gru"), (dict(N=2, O=3, A=2, S=2, B=4, T=5), "mlp"),
+        (dict(N=3, O=2, A=4, S=5, B=6, T=3), "gru"), (dict(N=3, O=2, A=4, S=5, B=6, T=3), "mlp")]
     timed = [*report["train_step"], report["greedy_actions_2_agents"]]
     assert all(0 < t["p10_us"] <= t["median_us"] <= t["p90_us"] for t in timed)
-    training = report["training"]
-    assert training["env_steps"] >= 300 and training["env_steps_per_s"] > 0 and training["train_steps"] >= 0
+    assert set(report["training"]) == {"gru", "mlp"}
+    for training in report["training"].values():
+        assert training["env_steps"] >= 300 and training["env_steps_per_s"] > 0 and training["train_steps"] >= 0
 
 
 def readme_example():

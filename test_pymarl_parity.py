@@ -1,8 +1,9 @@
 """qmix_np against a PyTorch restatement of pymarl's learner (skipped without torch).
 
 The torch code below restates, from oxwhirl/pymarl c971afd, QLearner.train, QMixer, VDNMixer and
-BasicMAC._build_inputs, and EPyMARL's RNNAgent with use_rnn=False (fc1 -> ReLU -> rnn Linear ->
-ReLU -> fc2), in float64. Both sides start from the same weights (ours, loaded into torch with
+BasicMAC (its inputs and its hidden state, zero at t = 0 and carried through the batch's steps),
+and EPyMARL's RNNAgent, which is pymarl's (fc1 -> ReLU -> GRUCell -> fc2) with use_rnn=True and
+fc1 -> ReLU -> rnn Linear -> ReLU -> fc2 with use_rnn=False, in float64. Both sides start from the same weights (ours, loaded into torch with
 load_state_dict under their own names) and take three steps on the same batch of episodes; the
 loss, every gradient and every parameter after the steps must agree to 1e-10.
 torch is never a dependency: `pip install torch==2.13.0` gives a CPU build on these machines.
@@ -19,18 +20,23 @@ PARITY = 1e-10
 
 
 class RNNAgent(nn.Module):
-    """EPyMARL's RNNAgent, use_rnn=False."""
+    """EPyMARL's RNNAgent; with use_rnn, pymarl's."""
 
-    def __init__(self, input_shape, hidden_dim, n_actions):
+    def __init__(self, input_shape, hidden_dim, n_actions, use_rnn):
         super().__init__()
+        self.hidden_dim, self.use_rnn = hidden_dim, use_rnn
         self.fc1 = nn.Linear(input_shape, hidden_dim)
-        self.rnn = nn.Linear(hidden_dim, hidden_dim)
+        self.rnn = nn.GRUCell(hidden_dim, hidden_dim) if use_rnn else nn.Linear(hidden_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, n_actions)
 
-    def forward(self, inputs):
+    def init_hidden(self):
+        return self.fc1.weight.new(1, self.hidden_dim).zero_()
+
+    def forward(self, inputs, hidden_state):
         x = F.relu(self.fc1(inputs))
-        h = F.relu(self.rnn(x))
-        return self.fc2(h)
+        h_in = hidden_state.reshape(-1, self.hidden_dim)
+        h = self.rnn(x, h_in) if self.use_rnn else F.relu(self.rnn(x))
+        return self.fc2(h), h
 
 
 class QMixer(nn.Module):
@@ -70,7 +76,8 @@ class VDNMixer(nn.Module):
 
 
 class MAC:
-    """BasicMAC's forward over a batch at step t: one shared agent, or (non-shared) one per agent."""
+    """BasicMAC's forward over a batch at step t, carrying the hidden states: one shared agent,
+    or (non-shared) one per agent, each with its own slice of the hidden states."""
 
     def __init__(self, agents, n_agents, args):
         self.agents, self.n_agents, self.args = agents, n_agents, args
@@ -88,13 +95,19 @@ class MAC:
             inputs.append(torch.eye(self.n_agents, dtype=batch["obs"].dtype).unsqueeze(0).expand(bs, -1, -1))
         return torch.cat([x.reshape(bs * self.n_agents, -1) for x in inputs], dim=1)
 
+    def init_hidden(self, batch_size):
+        self.hidden_states = self.agents[0].init_hidden().unsqueeze(0).expand(batch_size, self.n_agents, -1)
+
     def forward(self, batch, t):
         inputs = self._build_inputs(batch, t)
         bs = batch["obs"].shape[0]
         if len(self.agents) == 1:
-            return self.agents[0](inputs).view(bs, self.n_agents, -1)
+            agent_outs, self.hidden_states = self.agents[0](inputs, self.hidden_states)
+            return agent_outs.view(bs, self.n_agents, -1)
         per_agent = inputs.view(bs, self.n_agents, -1)
-        return torch.stack([agent(per_agent[:, i]) for i, agent in enumerate(self.agents)], dim=1)
+        outs = [agent(per_agent[:, i], self.hidden_states[:, i]) for i, agent in enumerate(self.agents)]
+        self.hidden_states = torch.stack([h for _, h in outs], dim=1)
+        return torch.stack([q for q, _ in outs], dim=1)
 
 
 def pymarl_train_loss(mac, target_mac, mixer, target_mixer, batch, args):
@@ -107,8 +120,10 @@ def pymarl_train_loss(mac, target_mac, mixer, target_mixer, batch, args):
     avail_actions = batch["avail_actions"]
     max_seq_length = batch["obs"].shape[1]
 
+    mac.init_hidden(batch["obs"].shape[0])
     mac_out = torch.stack([mac.forward(batch, t=t) for t in range(max_seq_length)], dim=1)
     chosen_action_qvals = torch.gather(mac_out[:, :-1], dim=3, index=actions).squeeze(3)
+    target_mac.init_hidden(batch["obs"].shape[0])
     target_mac_out = [target_mac.forward(batch, t=t) for t in range(max_seq_length)]
     target_mac_out = torch.stack(target_mac_out[1:], dim=1)
     target_mac_out[avail_actions[:, 1:] == 0] = -9999999
@@ -157,7 +172,7 @@ def torch_agents(learner, params):
     shared = fc1.ndim == 2
     agents = []
     for i in range(1 if shared else learner.n_agents):
-        agent = RNNAgent(fc1.shape[-1], c.hidden_dim, learner.n_actions).double()
+        agent = RNNAgent(fc1.shape[-1], c.hidden_dim, learner.n_actions, c.use_rnn).double()
         agent.load_state_dict({k: torch.tensor(v if shared else v[i]) for k, v in params.items()})
         agents.append(agent)
     return agents
@@ -187,14 +202,42 @@ def our_grads_as_torch_order(learner, grads, agents, mixer):
     return ours
 
 
-@pytest.mark.parametrize("mixer,layers,shared,double_q,optimizer,clip", [
-    ("qmix", 2, True, True, "adam", 100.0), ("qmix", 1, True, False, "rmsprop", 100.0),
-    ("qmix", 2, False, True, "rmsprop", 0.5), ("qmix", 2, True, True, "adam", 0.5),
-    ("vdn", 1, True, True, "adam", 100.0), ("none", 1, True, True, "rmsprop", 100.0),
+@pytest.mark.parametrize("grouped", [False, True], ids=["shared", "grouped"])
+def test_gru_cell_is_torchs(grouped):
+    """Our GRU cell's output and every gradient against torch.nn.GRUCell's autograd, per cell."""
+    rng = np.random.default_rng(0)
+    groups = 3 if grouped else 1
+    x, h, upstream = rng.normal(size=(groups, 5, 4)), rng.normal(size=(groups, 5, 6)), rng.normal(size=(groups, 5, 6))
+    params = q.init_gru_cell(rng, "rnn", 4, 6, groups if grouped else None)
+    weights = {k.split(".")[1]: v for k, v in params.items()}
+    out, cache = q.gru_cell_forward(x if grouped else x[0], h if grouped else h[0], **weights)
+    dx, dh, grads = q.gru_cell_backward(upstream if grouped else upstream[0], cache)
+    out, dx, dh = (a.reshape(groups, 5, -1) for a in (out, dx, dh))
+    for g in range(groups):
+        cell = nn.GRUCell(4, 6).double()
+        cell.load_state_dict({k: torch.tensor(v[g] if grouped else v) for k, v in weights.items()})
+        x_t, h_t = torch.tensor(x[g], requires_grad=True), torch.tensor(h[g], requires_grad=True)
+        out_t = cell(x_t, h_t)
+        (out_t * torch.tensor(upstream[g])).sum().backward()
+        np.testing.assert_allclose(out[g], out_t.detach().numpy(), rtol=PARITY, atol=PARITY * 1e-2)
+        np.testing.assert_allclose(dx[g], x_t.grad.numpy(), rtol=PARITY, atol=PARITY * 1e-2)
+        np.testing.assert_allclose(dh[g], h_t.grad.numpy(), rtol=PARITY, atol=PARITY * 1e-2)
+        for name, param in cell.named_parameters():
+            ours = grads[name][g] if grouped else grads[name]
+            np.testing.assert_allclose(ours, param.grad.numpy(), rtol=PARITY, atol=PARITY * 1e-2, err_msg=name)
+
+
+@pytest.mark.parametrize("mixer,layers,shared,double_q,optimizer,clip,use_rnn", [
+    ("qmix", 2, True, True, "adam", 100.0, False), ("qmix", 1, True, False, "rmsprop", 100.0, False),
+    ("qmix", 2, False, True, "rmsprop", 0.5, False), ("qmix", 2, True, True, "adam", 0.5, False),
+    ("vdn", 1, True, True, "adam", 100.0, False), ("none", 1, True, True, "rmsprop", 100.0, False),
+    ("qmix", 2, True, True, "adam", 100.0, True), ("qmix", 1, True, False, "rmsprop", 100.0, True),
+    ("qmix", 2, False, True, "rmsprop", 0.5, True), ("qmix", 2, True, True, "adam", 0.5, True),
+    ("vdn", 1, False, True, "adam", 100.0, True), ("none", 1, True, True, "rmsprop", 100.0, True),
 ])
-def test_three_steps_equal_pymarls_qlearner(mixer, layers, shared, double_q, optimizer, clip):
+def test_three_steps_equal_pymarls_qlearner(mixer, layers, shared, double_q, optimizer, clip, use_rnn):
     learner = small_learner(mixer, hypernet_layers=layers, shared_agent=shared, double_q=double_q,
-                            optimizer=optimizer, grad_norm_clip=clip, gamma=0.9, lr=0.01)
+                            optimizer=optimizer, grad_norm_clip=clip, gamma=0.9, lr=0.01, use_rnn=use_rnn)
     learner.target_theta += np.random.default_rng(3).normal(scale=0.2, size=learner.theta.shape)
     batch = episode_batch(learner)
     c = learner.config

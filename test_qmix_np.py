@@ -111,33 +111,122 @@ def test_elu_values_and_large_inputs():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["shared", "grouped"])
+def test_gru_cell_gradients(grouped):
+    """One step of the GRU cell: dL/dx, dL/dh and all four parameter tensors."""
+    rng = np.random.default_rng(11)
+    lead = (3,) if grouped else ()
+    x, h = rng.normal(size=lead + (4, 5)), rng.normal(size=lead + (4, 6))
+    params = {"weight_ih": rng.normal(size=lead + (18, 5)), "weight_hh": rng.normal(size=lead + (18, 6)),
+              "bias_ih": rng.normal(size=lead + (18,)), "bias_hh": rng.normal(size=lead + (18,))}
+    upstream = rng.normal(size=lead + (4, 6))
+
+    def f():
+        return np.sum(q.gru_cell_forward(x, h, **params)[0] * upstream)
+
+    dx, dh, grads = q.gru_cell_backward(upstream, q.gru_cell_forward(x, h, **params)[1])
+    check_gradients(f, {"x": x, "h": h, **params}, {"x": dx, "h": dh, **grads}, f"gru_cell[{grouped}]")
+
+
+def test_gru_unroll_gradients_through_time():
+    """Six steps, a random upstream gradient at EVERY step: backpropagation through time."""
+    rng = np.random.default_rng(12)
+    x, h0 = rng.normal(size=(6, 4, 5)), rng.normal(size=(4, 3))
+    params = q.init_gru_cell(rng, "rnn", 5, 3)
+    weights = {k.split(".")[1]: v for k, v in params.items()}
+    upstream = rng.normal(size=(6, 4, 3))
+
+    def f():
+        return np.sum(q.gru_forward(x, h0, weights)[0] * upstream)
+
+    dx, grads = q.gru_backward(upstream, q.gru_forward(x, h0, weights)[1])
+    check_gradients(f, {"x": x, **weights}, {"x": dx, **grads}, "gru_unroll")
+
+
+def test_gru_cell_matches_its_equations_written_with_loops():
+    """An independent, entry-by-entry reading of the GRUCell equations (REFERENCE: torch.nn.GRUCell)."""
+    rng = np.random.default_rng(13)
+    x, h = rng.normal(size=(2, 3)), rng.normal(size=(2, 4))
+    w_ih, w_hh, b_ih, b_hh = rng.normal(size=(12, 3)), rng.normal(size=(12, 4)), rng.normal(size=12), rng.normal(size=12)
+    out, _ = q.gru_cell_forward(x, h, w_ih, w_hh, b_ih, b_hh)
+
+    def gate(row, m):
+        return (sum(w_ih[row, k] * x[m, k] for k in range(3)) + b_ih[row],
+                sum(w_hh[row, k] * h[m, k] for k in range(4)) + b_hh[row])
+
+    for m in range(2):
+        for j in range(4):
+            r = 1 / (1 + math.exp(-sum(gate(j, m))))
+            z = 1 / (1 + math.exp(-sum(gate(4 + j, m))))
+            i_n, h_n = gate(8 + j, m)
+            n = math.tanh(i_n + r * h_n)
+            assert out[m, j] == pytest.approx((1 - z) * n + z * h[m, j], rel=1e-12)
+
+
+AGENT_KEYS = {True: ["fc1.weight", "fc1.bias", "rnn.weight_ih", "rnn.weight_hh", "rnn.bias_ih", "rnn.bias_hh",
+                     "fc2.weight", "fc2.bias"],  # pymarl's RNNAgent.state_dict(), in its order
+              False: ["fc1.weight", "fc1.bias", "rnn.weight", "rnn.bias", "fc2.weight", "fc2.bias"]}
+
+
+@pytest.mark.parametrize("use_rnn", [True, False], ids=["gru", "mlp"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-agent"])
-def test_agent_network_gradients(shared):
-    """Over (B, T + 1, N) rows at once, as the learner runs it."""
-    rng = np.random.default_rng(3)
+def test_agent_network_gradients(shared, use_rnn):
+    """Over B episodes of T steps at once, as the learner runs it, with a random upstream
+    gradient at every step: for the GRU, backpropagation through the whole unroll."""
+    rng = np.random.default_rng(7)  # seed 7: every ReLU input lies over 1e-4 from the kink, far beyond H
     batch, steps, n_agents, in_dim, n_actions = 3, 4, 3, 5, 4
-    params = q.init_agent_params(rng, in_dim, 8, n_actions, None if shared else n_agents)
-    assert list(params) == ["fc1.weight", "fc1.bias", "rnn.weight", "rnn.bias", "fc2.weight", "fc2.bias"]
+    params = q.init_agent_params(rng, in_dim, 8, n_actions, use_rnn, None if shared else n_agents)
+    assert list(params) == AGENT_KEYS[use_rnn]
     inputs = rng.normal(size=(batch, steps, n_agents, in_dim))
     upstream = rng.normal(size=(batch, steps, n_agents, n_actions))
 
     def f():
         return np.sum(q.agent_forward(params, inputs)[0] * upstream)
 
-    grads = q.agent_backward(upstream, q.agent_forward(params, inputs)[1])
-    check_gradients(f, params, grads, f"agent[{shared}]")
+    grads = q.agent_backward(upstream, q.agent_forward(params, inputs)[2])
+    check_gradients(f, params, grads, f"agent[{'shared' if shared else 'per-agent'},use_rnn={use_rnn}]")
 
 
-def test_per_agent_networks_are_independent():
+@pytest.mark.parametrize("use_rnn", [True, False], ids=["gru", "mlp"])
+def test_per_agent_networks_are_independent(use_rnn):
     """Agent i's Qs depend only on agent i's slice of the stacked parameters."""
     rng = np.random.default_rng(4)
-    params = q.init_agent_params(rng, 3, 5, 2, n_agents=2)
-    inputs = rng.normal(size=(6, 2, 3))
-    before, _ = q.agent_forward(params, inputs)
+    params = q.init_agent_params(rng, 3, 5, 2, use_rnn, n_agents=2)
+    inputs = rng.normal(size=(2, 6, 2, 3))
+    before, _, _ = q.agent_forward(params, inputs)
     params["fc1.weight"][1] += 1.0
-    after, _ = q.agent_forward(params, inputs)
-    np.testing.assert_array_equal(before[:, 0], after[:, 0])
-    assert not np.allclose(before[:, 1], after[:, 1])
+    after, _, _ = q.agent_forward(params, inputs)
+    np.testing.assert_array_equal(before[..., 0, :], after[..., 0, :])
+    assert not np.allclose(before[..., 1, :], after[..., 1, :])
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-agent"])
+def test_each_agents_qs_depend_only_on_its_own_inputs(shared):
+    """Decentralised execution with memory: changing agent 1's inputs at step 2 changes no Q of
+    agents 0 and 2 at any step, and agent 1's only from step 2 on."""
+    rng = np.random.default_rng(5)
+    params = q.init_agent_params(rng, 4, 6, 3, True, None if shared else 3)
+    inputs = rng.normal(size=(2, 5, 3, 4))
+    before, _, _ = q.agent_forward(params, inputs)
+    inputs[:, 2, 1] += 1.0
+    after, _, _ = q.agent_forward(params, inputs)
+    np.testing.assert_array_equal(before[:, :, [0, 2]], after[:, :, [0, 2]])
+    np.testing.assert_array_equal(before[:, :2, 1], after[:, :2, 1])
+    assert not np.allclose(before[:, 4, 1], after[:, 4, 1])  # remembered two steps later
+
+
+def test_running_step_by_step_equals_running_the_episode():
+    """Acting feeds one step at a time and carries the hidden state; training unrolls the whole
+    episode at once. The two must give the same Qs."""
+    rng = np.random.default_rng(6)
+    params = q.init_agent_params(rng, 4, 6, 3, True, 3)
+    inputs = rng.normal(size=(1, 5, 3, 4))
+    whole, last_hidden, _ = q.agent_forward(params, inputs)
+    hidden = None
+    for t in range(5):
+        step_q, hidden, _ = q.agent_forward(params, inputs[:, t:t + 1], hidden)
+        np.testing.assert_allclose(step_q[:, 0], whole[:, t], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(hidden, last_hidden, rtol=1e-13, atol=1e-13)
 
 
 def mixer_case(hypernet_layers, seed=5, batch=5, n_agents=3, state_dim=4):
@@ -253,11 +342,15 @@ def episode_batch(learner, seed=7):
     return learner.buffer.sample(4, rng)
 
 
-@pytest.mark.parametrize("mixer,layers,shared,double_q", [
-    ("qmix", 1, True, True), ("qmix", 2, True, True), ("qmix", 2, False, True),
-    ("qmix", 2, True, False), ("vdn", 1, True, True), ("none", 1, True, True), ("none", 1, False, True)])
-def test_masked_episode_loss_gradients_end_to_end(mixer, layers, shared, double_q):
-    learner = small_learner(mixer, hypernet_layers=layers, shared_agent=shared, double_q=double_q)
+@pytest.mark.parametrize("mixer,layers,shared,double_q,use_rnn", [
+    ("qmix", 1, True, True, True), ("qmix", 2, True, True, True), ("qmix", 2, False, True, True),
+    ("qmix", 2, True, False, True), ("vdn", 1, True, True, True), ("vdn", 1, False, True, True),
+    ("none", 1, True, True, True), ("none", 1, False, True, True),
+    ("qmix", 2, True, True, False), ("qmix", 2, False, True, False), ("vdn", 1, True, True, False),
+    ("none", 1, False, True, False)])
+def test_masked_episode_loss_gradients_end_to_end(mixer, layers, shared, double_q, use_rnn):
+    learner = small_learner(mixer, hypernet_layers=layers, shared_agent=shared, double_q=double_q,
+                            use_rnn=use_rnn)
     rng = np.random.default_rng(7)
     learner.target_theta += rng.normal(scale=0.1, size=learner.theta.shape)
     batch = episode_batch(learner)
@@ -267,19 +360,43 @@ def test_masked_episode_loss_gradients_end_to_end(mixer, layers, shared, double_
     def f():  # the targets move with params only through double Q's argmax: piecewise constant
         return q.loss_and_grads(learner.params, learner.target_params, batch, learner.config)[0]
 
-    label = f"episode_loss[{mixer},{layers},{'shared' if shared else 'per-agent'},double_q={double_q}]"
+    label = (f"episode_loss[{mixer},{layers},{'shared' if shared else 'per-agent'},double_q={double_q},"
+             f"use_rnn={use_rnn}]")
     for group in ("agent", "mixer"):
         check_gradients(f, learner.params[group], grads[group], f"{label}/{group}")
     assert len(learner.params["mixer"]) == {"qmix": 10 if layers == 1 else 14, "vdn": 0, "none": 0}[mixer]
+
+
+@pytest.mark.parametrize("use_rnn", [True, False], ids=["gru", "mlp"])
+def test_padding_after_an_episode_changes_no_gradient(use_rnn):
+    """Whatever lies in the steps after an episode's end reaches neither the loss nor any
+    gradient, also through the GRU's unroll: the loss, every gradient, bit for bit."""
+    learner = small_learner("qmix", use_rnn=use_rnn, shared_agent=False)
+    learner.target_theta += np.random.default_rng(1).normal(scale=0.1, size=learner.theta.shape)
+    batch = episode_batch(learner)
+    loss, grads, _ = q.loss_and_grads(learner.params, learner.target_params, batch, learner.config)
+    rng, noisy = np.random.default_rng(2), copy.deepcopy(batch)
+    lengths = batch["filled"].sum(axis=1).astype(int)
+    assert lengths.min() < batch["actions"].shape[1], "the batch must hold padding"
+    for b, length in enumerate(lengths):  # obs, state, avail at t = length are real: the final observation
+        for name, start in (("obs", length + 1), ("state", length + 1), ("reward", length), ("terminated", length)):
+            noisy[name][b, start:] = rng.normal(size=noisy[name][b, start:].shape)
+        noisy["actions"][b, length:] = rng.integers(0, 4, size=noisy["actions"][b, length:].shape)
+        noisy["avail_actions"][b, length + 1:] = True
+    noisy_loss, noisy_grads, _ = q.loss_and_grads(learner.params, learner.target_params, noisy, learner.config)
+    assert noisy_loss == loss
+    for group in grads:
+        for key in grads[group]:
+            np.testing.assert_array_equal(noisy_grads[group][key], grads[group][key], err_msg=key)
 
 
 def test_the_checker_fails_a_planted_bug(monkeypatch):
     """Swap ReLU's backward for the identity: the check must fail, loudly."""
     monkeypatch.setattr(q, "relu_backward", lambda dout, cache: (dout, {}))
     with pytest.raises(AssertionError, match="relative error"):
-        test_agent_network_gradients(shared=True)
+        test_agent_network_gradients(shared=True, use_rnn=False)
     what, error = CHECKED.pop()  # the planted failure is not one of the real checks
-    assert what.startswith("agent[True]/") and error > 1e-2
+    assert what.startswith("agent[shared,use_rnn=False]/") and error > 1e-2
 
 
 def test_loss_is_pymarls_masked_mean_written_with_loops():
@@ -290,8 +407,8 @@ def test_loss_is_pymarls_masked_mean_written_with_loops():
     c = learner.config
     loss, _, _ = q.loss_and_grads(learner.params, learner.target_params, batch, c)
     inputs = q.episode_agent_inputs(batch, c)
-    online, _ = q.agent_forward(learner.params["agent"], inputs)
-    target, _ = q.agent_forward(learner.target_params["agent"], inputs)
+    online, _, _ = q.agent_forward(learner.params["agent"], inputs)
+    target, _, _ = q.agent_forward(learner.target_params["agent"], inputs)
     total, count = 0.0, 0
     for b in range(4):
         for t in range(batch["actions"].shape[1]):
@@ -356,10 +473,11 @@ def test_joint_argmax_is_the_per_agent_argmaxes(mixer):
         env_info = {"n_agents": 3, "obs_shape": 2, "state_shape": 3, "n_actions": 3, "episode_limit": 1}
         learner = q.Learner(config, env_info)
         rng = np.random.default_rng(seed)
-        obs, state, last = rng.normal(size=(3, 2)), rng.normal(size=3), rng.integers(0, 3, 3)
-        table = q.joint_q_tot(learner.params, config, obs, state, last)
+        obs, state, actions = rng.normal(size=(3, 3, 2)), rng.normal(size=3), rng.integers(0, 3, (2, 3))
+        table = q.joint_q_tot(learner.params, config, obs, state, actions)  # at step 2, after a history
         joint_best = np.unravel_index(np.argmax(table), table.shape)
-        greedy = learner.select_actions(obs, np.ones((3, 3)), last)
+        for t, last in enumerate([None, *actions]):  # the agents act through the same history
+            greedy = learner.select_actions(obs[t], np.ones((3, 3)), last)
         assert tuple(greedy) == tuple(int(a) for a in joint_best)
 
 
@@ -403,6 +521,31 @@ def test_acting_feeds_each_agent_its_own_previous_action():
     q.run_episode(env, learner, learn=True)  # epsilon 1 now: other actions, the same rule
     batch = learner.buffer.sample(1, np.random.default_rng(0))  # the one episode, cut to its length
     np.testing.assert_array_equal(q.episode_agent_inputs(batch, learner.config)[0, :-1], np.array(seen))
+
+
+def test_acting_restarts_the_hidden_state_every_episode(monkeypatch):
+    """The Qs each agent acted on, step by step with its hidden state carried, in three episodes
+    in a row, are the Qs of the training unroll of each stored episode from a zero state."""
+    env = envs.MeetingGridworld(grid_size=4, n_agents=3, max_steps=6, seed=1)
+    config = q.Config(dtype="float64", batch_size=8, buffer_size=8, hidden_dim=8, epsilon_start=0.5)
+    learner = q.Learner(config, env.get_env_info())
+    acted, real = [], q.agent_forward
+
+    def spy(params, inputs, hidden=None):
+        out = real(params, inputs, hidden)
+        acted.append(out[0][0, 0])  # (N, A): one step of one episode
+        return out
+
+    monkeypatch.setattr(q, "agent_forward", spy)
+    for seed in (3, 4, 5):
+        env.reset(seed=seed)
+        q.run_episode(env, learner, learn=True)  # stored; no train step (batch_size 8)
+    monkeypatch.undo()
+    batch = {name: array[:3] for name, array in learner.buffer.data.items()}
+    unrolled, _, _ = q.agent_forward(learner.params["agent"], q.episode_agent_inputs(batch, config))
+    lengths = batch["filled"].sum(axis=1).astype(int)
+    expected = np.concatenate([unrolled[b, :length] for b, length in enumerate(lengths)])
+    np.testing.assert_allclose(np.array(acted), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_adam_constant_gradient_closed_form():
@@ -597,6 +740,7 @@ def test_epsilon_greedy_draws_per_agent_from_the_learners_generator():
     for _ in range(200):
         explore = twin.random(3) < 0.5
         random_actions = q.masked_argmax(twin.random((3, 4)), avail)
+        learner.init_hidden()  # every call is the first step of an episode: the same greedy actions
         np.testing.assert_array_equal(learner.select_actions(obs, avail, epsilon=0.5),
                                       np.where(explore, random_actions, greedy))
 

@@ -1,9 +1,10 @@
 """What qmix_np's parts cost, on this machine.
 
 Times (median and spread after warm-up) of one full train step (sample a batch of episodes,
-forward and backward of the masked TD loss, clip, Adam) at several sizes, of greedy action
-selection, and end-to-end training on Meeting Gridworld 5x5 with examples/meeting_gridworld.py's
-settings. `--torch` also times, in the same run, the same train step in PyTorch: the restatement
+forward and backward of the masked TD loss, clip, Adam) at several sizes, with the GRU agent
+(use_rnn=True, backpropagation through time) and the feed-forward one (use_rnn=False), of
+greedy action selection, and end-to-end training on Meeting Gridworld 5x5 with
+examples/meeting_gridworld.py's settings, with each agent. `--torch` also times, in the same run, the same train step in PyTorch: the restatement
 of pymarl's QLearner.train in test_pymarl_parity.py (shown there to compute the same numbers),
 on the same weights and batch. PyTorch is never a dependency (pip install torch==2.13.0 gives
 the CPU build on these machines).
@@ -82,11 +83,14 @@ def timings(fn, reps, warmup):
     return {"median_us": round(median, 1), "p10_us": round(p10, 1), "p90_us": round(p90, 1)}
 
 
-def filled_learner(size, dtype):
+AGENTS = {"gru": True, "mlp": False}  # name -> use_rnn
+
+
+def filled_learner(size, dtype, use_rnn):
     """pymarl's QMIX (hypernet_layers 2, embed 32, agent width 64, obs_last_action, agent ids),
     with a buffer of B full-length random episodes of T steps: every batch is B x T."""
     n, o, a, s, b, t = size
-    config = q.Config(batch_size=b, buffer_size=b, dtype=dtype)
+    config = q.Config(batch_size=b, buffer_size=b, dtype=dtype, use_rnn=use_rnn)
     learner = q.Learner(config, {"n_agents": n, "obs_shape": o, "state_shape": s, "n_actions": a,
                                  "episode_limit": t})
     rng = np.random.default_rng(1)
@@ -132,11 +136,11 @@ def greedy_selection(dtype):
     return lambda: learner.select_actions(obs, avail, [4, 4])
 
 
-def training_throughput(steps, dtype):
+def training_throughput(steps, dtype, agent):
     """Env steps per second of train() on Meeting Gridworld 5x5 from scratch, with
     examples/meeting_gridworld.py's settings (one train step per episode once 32 are stored),
     and how the time splits between train steps and the rest of the loop."""
-    settings = meeting_gridworld.parse_args(["--t-max", str(steps)])
+    settings = meeting_gridworld.parse_args(["--t-max", str(steps), "--agent", agent])
     config = dataclasses.replace(meeting_gridworld.make_config(settings, "qmix", 0), dtype=dtype)
     env = envs.MeetingGridworld()
     learner = q.Learner(config, env.get_env_info())
@@ -164,9 +168,9 @@ def main():
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "numpy": np.__version__, "blas_threads": ARGS.threads, "dtype": ARGS.dtype,
               "reps": ARGS.reps, "train_step": []}
-    for size in ARGS.sizes:
-        learner = filled_learner(size, ARGS.dtype)
-        row = {"size": dict(zip(["N", "O", "A", "S", "B", "T"], size)),
+    for size, agent in ((size, agent) for size in ARGS.sizes for agent in AGENTS):
+        learner = filled_learner(size, ARGS.dtype, AGENTS[agent])
+        row = {"size": dict(zip(["N", "O", "A", "S", "B", "T"], size)), "agent": agent,
                **timings(learner.train_step, ARGS.reps, ARGS.warmup)}
         if ARGS.torch:
             try:
@@ -178,7 +182,7 @@ def main():
             row["ratio_numpy_over_torch"] = round(row["median_us"] / row["torch"]["median_us"], 3)
         result["train_step"].append(row)
     result["greedy_actions_2_agents"] = timings(greedy_selection(ARGS.dtype), ARGS.reps * 10, ARGS.warmup)
-    result["training"] = training_throughput(ARGS.e2e_steps, ARGS.dtype)
+    result["training"] = {agent: training_throughput(ARGS.e2e_steps, ARGS.dtype, agent) for agent in AGENTS}
     if ARGS.json:
         print(json.dumps(result))
     else:
@@ -189,19 +193,19 @@ def print_table(r):
     print(f"qmix-np benchmark: {r['machine']}, NumPy {r['numpy']}, BLAS threads {r['blas_threads']}, "
           f"dtype {r['dtype']}, {r['reps']} reps (median [p10, p90])")
     torch_column = "torch_version" in r
-    header = f"{'train step (N, O, A, S, B, T)':<34}{'numpy':>26}"
+    header = f"{'train step (N, O, A, S, B, T), agent':<40}{'numpy':>26}"
     print(header + (f"{'torch ' + r['torch_version']:>30}{'ratio':>8}" if torch_column else ""))
     for row in r["train_step"]:
-        line = f"{str(tuple(row['size'].values())):<34}{fmt(row):>26}"
+        line = f"{str(tuple(row['size'].values())) + ', ' + row['agent'].upper():<40}{fmt(row):>26}"
         if torch_column:
             line += f"{fmt(row['torch']):>30}{row['ratio_numpy_over_torch']:>8.2f}"
         print(line)
-    print(f"{'greedy actions, 2 agents':<34}{fmt(r['greedy_actions_2_agents']):>26}")
-    t = r["training"]
-    print(f"{'training env steps/s':<34}{t['env_steps_per_s']:>26,}   (Meeting Gridworld 5x5 from scratch, "
-          f"{t['env_steps']:,} env steps, {t['episodes']:,} episodes, {t['train_steps']:,} train steps)")
-    print(f"{'  where the time goes':<34}   train steps {t['train_share']:.0%} (median "
-          f"{t['train_step_median_us'] / 1000:.1f} ms), the rest of the loop {t['rest_per_env_step_us']:.0f} us per env step")
+    print(f"{'greedy actions, 2 agents, GRU':<40}{fmt(r['greedy_actions_2_agents']):>26}")
+    for agent, t in r["training"].items():
+        print(f"{'training env steps/s, ' + agent.upper():<40}{t['env_steps_per_s']:>26,}   (Meeting Gridworld 5x5 "
+              f"from scratch, {t['env_steps']:,} env steps, {t['episodes']:,} episodes, {t['train_steps']:,} train steps)")
+        print(f"{'  where the time goes':<40}   train steps {t['train_share']:.0%} (median "
+              f"{t['train_step_median_us'] / 1000:.1f} ms), the rest of the loop {t['rest_per_env_step_us']:.0f} us per env step")
 
 
 def fmt(t):

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--n-agents", type=int, default=2, help="agents that must meet")
     parser.add_argument("--max-steps", type=int, default=50, help="time limit per episode")
     parser.add_argument("--hidden-dim", type=int, default=64, help="width of the agent network")
+    parser.add_argument("--agent", choices=["gru", "mlp"], default="gru",
+                        help="pymarl's GRU agent (use_rnn=True) or EPyMARL's feed-forward one (use_rnn=False)")
     parser.add_argument("--observe-others", action="store_true",
                         help="each agent also observes the other agents' positions")
     parser.add_argument("--eval-episodes", type=int, default=1000, help="greedy episodes per seed after training")
@@ -108,8 +110,9 @@ def make_env(args):
 
 
 def make_config(args, mixer, seed):
-    """The same hyperparameters for every method; only the mixer differs. The agent is EPyMARL's
-    MLP (use_rnn=False) with pymarl's inputs (obs, last action, agent id).
+    """The same hyperparameters for every method; only the mixer differs. The agent is pymarl's
+    GRU (use_rnn=True) or, with --agent mlp, EPyMARL's feed-forward one, with pymarl's inputs
+    (obs, last action, agent id).
 
     gamma 0.95, not pymarl's 0.99: with one team reward, an agent that is ahead of its partner
     gains only ~10 gamma^d (1 - gamma) by moving on rather than waiting, a gap too small at
@@ -118,7 +121,8 @@ def make_config(args, mixer, seed):
     anneal = args.epsilon_anneal_time or max(1, args.t_max // 2)
     return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
                     epsilon_finish=args.epsilon_finish, hidden_dim=args.hidden_dim, lr=args.lr,
-                    gamma=0.95, buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
+                    use_rnn=args.agent == "gru", gamma=0.95, buffer_size=args.buffer_size,
+                    target_update_interval=20, hypernet_layers=1)
 
 
 class Monitor:
@@ -167,7 +171,7 @@ def run_seed(args, method, seed, learner=None):
     recent = float(np.mean(monitor.recent)) if monitor.recent else float("nan")
     return {**result, "train_seconds": train_seconds, "env_steps": learner.t_env,
             "train_episodes": learner.episode, "train_success_last_100": recent,
-            "hidden_dim": learner.config.hidden_dim}, monitor.curve
+            "agent": f"{'GRU' if learner.config.use_rnn else 'MLP'} of width {learner.config.hidden_dim}"}, monitor.curve
 
 
 def write_curves(args, curves):
@@ -222,11 +226,11 @@ def json_number(value):
 
 
 def print_summary(args, results, written):
-    hidden = dict.fromkeys(str(r["hidden_dim"]) for runs in results.values() for r in runs)
+    agents = dict.fromkeys(r["agent"] for runs in results.values() for r in runs)
     print(f"\nMeeting Gridworld {args.grid_size}x{args.grid_size}, {args.n_agents} agents, "
           f"{args.max_steps}-step limit, observations: own position and goal"
-          f"{' and the other agents' if args.observe_others else ''}, agent MLP of width "
-          f"{' / '.join(hidden)}. {args.t_max:,} training env steps "
+          f"{' and the other agents' if args.observe_others else ''}, agent "
+          f"{' / '.join(agents)}. {args.t_max:,} training env steps "
           f"per seed, {max(len(r) for r in results.values())} seeds; greedy evaluation on "
           f"{args.eval_episodes} fresh episodes per seed.")
     print(f"\n{'method':<8}{'success %':>18}{'return':>16}{'length':>16}{'length/shortest':>20}"

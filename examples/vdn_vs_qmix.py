@@ -35,9 +35,10 @@ PAPER = {  # the paper's learned tables (arXiv v2), where the paper prints them
 
 
 def config_for(mixer, seed, episodes):
-    """Full exploration as in the paper; small nets, the game has 3 states. The observation is
-    the state itself, so the last action is left out of the agent's input (obs_last_action):
-    then each state has one Q table, the one the paper prints."""
+    """Full exploration as in the paper; small nets, the game has 3 states. The agent is the
+    default GRU (use_rnn=True). The observation is the state itself, so the last action is left
+    out of the agent's input (obs_last_action): then every path into a state leaves the GRU in
+    the same hidden state, and each state has one Q table, the one the paper prints."""
     return q.Config(mixer=mixer, seed=seed, t_max=2 * episodes, epsilon_start=1.0, epsilon_finish=1.0,
                     hidden_dim=32, obs_last_action=False, hypernet_layers=1, target_update_interval=100,
                     lr=1e-3, buffer_size=500)
