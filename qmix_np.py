@@ -47,6 +47,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -681,49 +682,60 @@ def clip_grad_norm(grad, max_norm):
     return norm
 
 
-class Adam:
+class Optimiser:
+    """What Adam and RMSprop share: step() proposes, commit() stores.
+
+    step(params, grad) returns the new parameters and the new state as NEW arrays and changes
+    nothing, so that the learner can refuse a step that would leave a non-finite number anywhere;
+    commit(state) then stores the state and counts the step.
+    """
+
+    def commit(self, state):
+        for key, value in state.items():
+            self.state[key][...] = value
+        self.t += 1
+
+
+class Adam(Optimiser):
     """torch.optim.Adam (no weight decay). At step t:
 
         m <- b1 m + (1 - b1) g        v <- b2 v + (1 - b2) g^2
         p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     """
 
+    state_names = ("exp_avg", "exp_avg_sq")  # m and v, by PyTorch's names
+
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.state = {"exp_avg": np.zeros_like(params), "exp_avg_sq": np.zeros_like(params)}  # PyTorch's names
+        self.state = {name: np.zeros_like(params) for name in self.state_names}
         self.t = 0  # steps taken
 
     def step(self, params, grad):
-        """Update the array `params` in place from its gradient."""
-        self.t += 1
+        t = self.t + 1
         b1, b2 = self.betas
-        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
-        m *= b1
-        m += (1 - b1) * grad
-        v *= b2
-        v += (1 - b2) * np.square(grad)
-        m_hat = m / (1 - b1**self.t)
-        v_hat = v / (1 - b2**self.t)
-        params -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        m = b1 * self.state["exp_avg"] + (1 - b1) * grad
+        v = b2 * self.state["exp_avg_sq"] + (1 - b2) * np.square(grad)
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        return params - self.lr * m_hat / (np.sqrt(v_hat) + self.eps), {"exp_avg": m, "exp_avg_sq": v}
 
 
-class RMSprop:
+class RMSprop(Optimiser):
     """torch.optim.RMSprop as pymarl uses it (no momentum, not centred):
 
         v <- alpha v + (1 - alpha) g^2        p <- p - lr g / (sqrt(v) + eps)
     """
 
+    state_names = ("square_avg",)  # v, by PyTorch's name
+
     def __init__(self, params, lr, alpha=0.99, eps=1e-8):
         self.lr, self.alpha, self.eps = lr, alpha, eps
-        self.state = {"square_avg": np.zeros_like(params)}  # PyTorch's name
+        self.state = {name: np.zeros_like(params) for name in self.state_names}
         self.t = 0  # steps taken
 
     def step(self, params, grad):
-        self.t += 1
-        v = self.state["square_avg"]
-        v *= self.alpha
-        v += (1 - self.alpha) * np.square(grad)
-        params -= self.lr * grad / (np.sqrt(v) + self.eps)
+        v = self.alpha * self.state["square_avg"] + (1 - self.alpha) * np.square(grad)
+        return params - self.lr * grad / (np.sqrt(v) + self.eps), {"square_avg": v}
 
 
 def make_optimiser(config, params):
@@ -737,26 +749,29 @@ def make_optimiser(config, params):
 # ------------------------------------------------------------------------------------------
 
 
-class EpisodeBuffer:
-    """A ring of the last `capacity` episodes, every one padded to episode_limit + 1 steps.
+def episode_fields(episode_limit, n_agents, obs_dim, state_dim, n_actions, dtype):
+    """What the buffer stores of one episode, padded to T = episode_limit: name -> (shape, dtype).
 
-    Per episode, with T = episode_limit:
-        obs (T + 1, N, O), state (T + 1, S), avail_actions (T + 1, N, A): what the env showed
-            before each action, and after the last one;
-        actions (T, N), reward (T,), terminated (T,), filled (T,): per action; filled is 1 on
-            the steps that happened. Everything after an episode's end is 0 (padding).
-    `insert` checks the episode before writing anything and copies it in. When full, the oldest
-    episode is overwritten.
+    obs (T + 1, N, O), state (T + 1, S), avail_actions (T + 1, N, A): what the env showed before
+        each action, and after the last one;
+    actions (T, N), reward (T,), terminated (T,), filled (T,): per action; filled is 1 on the
+        steps that happened. Everything after an episode's end is 0 (padding).
+    """
+    t, n, o, s, a = episode_limit, n_agents, obs_dim, state_dim, n_actions
+    return {"obs": ((t + 1, n, o), dtype), "state": ((t + 1, s), dtype),
+            "avail_actions": ((t + 1, n, a), np.dtype(bool)), "actions": ((t, n), np.dtype(np.int64)),
+            "reward": ((t,), dtype), "terminated": ((t,), dtype), "filled": ((t,), dtype)}
+
+
+class EpisodeBuffer:
+    """A ring of the last `capacity` episodes, every one padded to episode_limit + 1 steps, with
+    the fields of episode_fields. `insert` checks the episode before writing anything and copies
+    it in. When full, the oldest episode is overwritten.
     """
 
     def __init__(self, capacity, episode_limit, n_agents, obs_dim, state_dim, n_actions, dtype):
-        t, n, o, s, a = episode_limit, n_agents, obs_dim, state_dim, n_actions
         self.capacity, self.episode_limit = capacity, episode_limit
-        self.fields = {  # name -> (shape of one padded episode, dtype)
-            "obs": ((t + 1, n, o), dtype), "state": ((t + 1, s), dtype),
-            "avail_actions": ((t + 1, n, a), bool), "actions": ((t, n), np.int64),
-            "reward": ((t,), dtype), "terminated": ((t,), dtype), "filled": ((t,), dtype),
-        }
+        self.fields = episode_fields(episode_limit, n_agents, obs_dim, state_dim, n_actions, np.dtype(dtype))
         self.data = {k: np.zeros((capacity,) + shape, dt) for k, (shape, dt) in self.fields.items()}
         self.size = 0  # episodes held
         self.next_index = 0  # where the next episode goes
@@ -873,23 +888,28 @@ class Learner:
     def train_step(self):
         """One gradient step on a batch of episodes (pymarl's QLearner.train). Returns its diagnostics.
 
-        A non-finite loss or gradient norm changes nothing: it raises FloatingPointError, or with
-        config.on_nonfinite "skip" the step is skipped and counted.
+        A non-finite loss, gradient norm or update changes nothing: it raises FloatingPointError,
+        or with config.on_nonfinite "skip" the step is skipped and counted.
         """
         c = self.config
         batch = self.buffer.sample(c.batch_size, self.rng)
         loss, grads, diagnostics = loss_and_grads(self.params, self.target_params, batch, c)
         grad = flat_grad(grads, self.params)  # a fresh vector: clipping it changes nothing stored
         grad_norm = clip_grad_norm(grad, c.grad_norm_clip)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            new_theta, new_state = self.optimiser.step(self.theta, grad)  # proposed: nothing changed yet
+            finite = all(np.isfinite(a).all() for a in (new_theta, *new_state.values()))
+        if not finite:
             if c.on_nonfinite == "raise":
                 raise FloatingPointError(
-                    f"train step {self.train_steps + 1}: the loss ({loss}) or the gradient's norm "
-                    f"({grad_norm}) is not finite; parameters and optimiser state are unchanged "
-                    "(Config.on_nonfinite='skip' skips such steps instead)")
+                    f"train step {self.train_steps + 1}: the loss ({loss}), the gradient's norm "
+                    f"({grad_norm}) or the updated parameters or optimiser state are not finite; "
+                    "nothing has changed (Config.on_nonfinite='skip' skips such steps instead)")
             self.skipped_steps += 1
             return {"loss": loss, "grad_norm": grad_norm, "skipped": True, **diagnostics}
-        self.optimiser.step(self.theta, grad)
+        self.theta[...] = new_theta
+        self.optimiser.commit(new_state)
         self.train_steps += 1
         if (self.episode - self.last_target_update_episode) / c.target_update_interval >= 1.0:
             self.update_targets()
@@ -905,9 +925,11 @@ class Learner:
         write_checkpoint(self, path, include_buffer)
 
     @classmethod
-    def load(cls, path, env_info=None, config=None):
-        """A Learner restored from a checkpoint written by save(), checked as untrusted input."""
-        return read_checkpoint(cls, path, env_info, config)
+    def load(cls, path, env_info=None, config=None, max_buffer_bytes=2**30):
+        """A Learner restored from a checkpoint written by save(), checked as untrusted input
+        (see read_checkpoint; max_buffer_bytes bounds the empty buffer of a checkpoint saved
+        without its buffer)."""
+        return read_checkpoint(cls, path, env_info, config, max_buffer_bytes)
 
 
 # ------------------------------------------------------------------------------------------
@@ -944,7 +966,7 @@ def run_episode(env, learner, learn=False):
                              "without terminating: step() must return terminated True at the limit, "
                              "with info['episode_limit'] True")
         actions = learner._select_actions(obs, avail, actions, epsilon)
-        reward, terminated, info = check_step(env.step(actions), len(episode["actions"]) + 1, limit)
+        reward, terminated, info = check_step(env.step(actions), len(episode["actions"]) + 1, limit, learner.dtype)
         obs, state, avail = check_observation(env, learner)
         episode_return += reward
         timed_out = info.get("episode_limit", False)
@@ -1050,6 +1072,10 @@ def _is_int(x, low):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
 
 
+def _is_bool(x):
+    return isinstance(x, (bool, np.bool_))
+
+
 def _is_real(x, low, high):
     return (isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
             and math.isfinite(x) and low <= x <= high)
@@ -1066,11 +1092,11 @@ _CONFIG_RULES = (  # (field, test, what it must be)
     ("mixing_embed_dim", lambda v: _is_int(v, 1), "an int >= 1"),
     ("hypernet_layers", lambda v: _is_int(v, 1) and v <= 2, "1 or 2"),
     ("hypernet_embed", lambda v: _is_int(v, 1), "an int >= 1"),
-    ("use_rnn", lambda v: isinstance(v, bool), "True or False"),
+    ("use_rnn", _is_bool, "True or False"),
     ("hidden_dim", lambda v: _is_int(v, 1), "an int >= 1"),
-    ("shared_agent", lambda v: isinstance(v, bool), "True or False"),
-    ("obs_last_action", lambda v: isinstance(v, bool), "True or False"),
-    ("obs_agent_id", lambda v: isinstance(v, bool), "True or False"),
+    ("shared_agent", _is_bool, "True or False"),
+    ("obs_last_action", _is_bool, "True or False"),
+    ("obs_agent_id", _is_bool, "True or False"),
     ("gamma", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
     ("optimizer", lambda v: v in ("adam", "rmsprop"), "'adam' or 'rmsprop'"),
     ("lr", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
@@ -1081,7 +1107,7 @@ _CONFIG_RULES = (  # (field, test, what it must be)
     ("optim_eps", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
     ("batch_size", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
     ("buffer_size", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
-    ("double_q", lambda v: isinstance(v, bool), "True or False"),
+    ("double_q", _is_bool, "True or False"),
     ("grad_norm_clip", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
     ("target_update_interval", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
     ("epsilon_start", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
@@ -1094,9 +1120,15 @@ _CONFIG_RULES = (  # (field, test, what it must be)
 )
 
 
+def _python_value(value):
+    """A NumPy scalar as the Python number it holds (so that a Config saves as JSON)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def check_config(config):
-    """Every Config field against its rule; a ValueError names the first field that breaks one."""
-    config.adam_betas = _as_tuple("adam_betas", config.adam_betas)
+    """Every Config field against its rule; a ValueError names the first field that breaks one.
+    NumPy scalars are stored as Python values."""
+    config.adam_betas = tuple(_python_value(b) for b in _as_tuple("adam_betas", config.adam_betas))
     for name, ok, expected in _CONFIG_RULES:
         value = getattr(config, name)
         try:
@@ -1105,6 +1137,13 @@ def check_config(config):
             good = False
         if not good:
             raise ValueError(f"Config.{name} must be {expected}, got {value!r}")
+        setattr(config, name, _python_value(value))
+    limits = np.finfo(config.dtype)
+    for name in ("lr", "adam_eps", "optim_eps"):  # they enter the update in the training dtype
+        value = getattr(config, name)
+        if not float(limits.tiny) <= value <= float(limits.max):
+            raise ValueError(f"Config.{name} ({value!r}) would vanish or overflow in {config.dtype}: "
+                             f"it must lie in [{limits.tiny:.3g}, {limits.max:.3g}]")
     if config.batch_size > config.buffer_size:
         raise ValueError(f"Config.batch_size ({config.batch_size}) must be at most Config.buffer_size "
                          f"({config.buffer_size}): a batch is that many distinct episodes")
@@ -1130,10 +1169,11 @@ def check_env_info(env_info):
     return checked
 
 
-def _check_array(name, value, shape, kind):
+def _check_array(name, value, shape, kind, dtype=np.float64):
     """`value` as an array of `shape`, or an error naming `name`.
 
-    kind "float": finite numbers; "int": integers; "bool": 0/1 or booleans.
+    kind "float": numbers finite in `dtype` (the training dtype: 1e39 is not a float32);
+    "int": integers; "bool": 0/1 or booleans.
     """
     try:
         array = np.asarray(value)
@@ -1147,8 +1187,9 @@ def _check_array(name, value, shape, kind):
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
     elif dtype_kind not in "biuf":
         raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
-    elif kind == "float" and dtype_kind == "f" and not np.isfinite(array).all():
-        raise ValueError(f"{name} must be finite, got {array[~np.isfinite(array)][:3]} in it")
+    elif kind == "float" and not (np.abs(array) <= np.finfo(dtype).max).all():  # False for NaN too
+        bad = array[~(np.abs(array) <= np.finfo(dtype).max)]
+        raise ValueError(f"{name} must be finite in {np.dtype(dtype).name}, got {bad[:3]} in it")
     elif kind == "bool" and dtype_kind != "b" and not ((array == 0) | (array == 1)).all():
         raise ValueError(f"{name} must hold only 0/1 (or booleans)")
     return array
@@ -1182,7 +1223,7 @@ def check_select_actions(learner, obs, avail_actions, last_actions, epsilon):
     """select_actions' arguments, checked: (obs, avail as bool, last_actions or None)."""
     if not _is_real(epsilon, 0.0, 1.0):
         raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
-    obs = _check_array("obs", obs, (learner.n_agents, learner.obs_dim), "float")
+    obs = _check_array("obs", obs, (learner.n_agents, learner.obs_dim), "float", learner.dtype)
     avail = check_avail_actions("avail_actions", avail_actions, learner.n_agents, learner.n_actions)
     if last_actions is not None:
         last_actions = _check_array("last_actions", last_actions, (learner.n_agents,), "int")
@@ -1224,12 +1265,12 @@ def check_evaluate_arguments(n_episodes, seed):
 def check_observation(env, learner):
     """The env's (obs (N, O), state (S,), avail_actions (N, A) as bool), each checked."""
     n, o, s, a = learner.n_agents, learner.obs_dim, learner.state_dim, learner.n_actions
-    return (_check_array("env.get_obs()", env.get_obs(), (n, o), "float"),
-            _check_array("env.get_state()", env.get_state(), (s,), "float"),
+    return (_check_array("env.get_obs()", env.get_obs(), (n, o), "float", learner.dtype),
+            _check_array("env.get_state()", env.get_state(), (s,), "float", learner.dtype),
             check_avail_actions("env.get_avail_actions()", env.get_avail_actions(), n, a))
 
 
-def check_step(result, length, episode_limit):
+def check_step(result, length, episode_limit, dtype):
     """env.step()'s (reward, terminated, info), checked; warns (once) if an episode that stops
     at the limit does not say whether it was the limit."""
     if not isinstance(result, tuple) or len(result) != 3:
@@ -1238,11 +1279,13 @@ def check_step(result, length, episode_limit):
                          f"MultiAgentEnv does, got {got}" + (" (a Gymnasium-style step? wrap it so "
                          "that a truncation becomes info['episode_limit'] = True)" if got == "a tuple of 5" else ""))
     reward, terminated, info = result
-    reward = float(_check_array("the reward from env.step()", reward, (), "float"))
+    reward = float(_check_array("the reward from env.step()", reward, (), "float", dtype))
     if not isinstance(terminated, (bool, np.bool_)):
         raise TypeError(f"terminated from env.step() must be a bool, got {terminated!r}")
     if not isinstance(info, dict):
         raise TypeError(f"info from env.step() must be a dict, got {type(info).__name__}")
+    if not isinstance(info.get("episode_limit", False), (bool, np.bool_)):
+        raise TypeError(f"info['episode_limit'] from env.step() must be a bool, got {info['episode_limit']!r}")
     if terminated and length == episode_limit and "episode_limit" not in info:
         warnings.warn(f"an episode ended at episode_limit ({episode_limit} steps) with terminated True "
                       "and no info['episode_limit']: it is treated as terminal (no bootstrap) and as a "
@@ -1265,7 +1308,8 @@ def check_episode(episode, buffer):
                        ("reward", "float"), ("terminated", "bool")):
         shape = buffer.fields[name][0]
         steps = length + 1 if name in ("obs", "state", "avail_actions") else length
-        checked[name] = _check_array(f"episode[{name!r}]", episode[name], (steps,) + shape[1:], kind)
+        checked[name] = _check_array(f"episode[{name!r}]", episode[name], (steps,) + shape[1:], kind,
+                                     buffer.fields["obs"][1])
     avail = checked["avail_actions"].astype(bool)
     if not avail.any(axis=-1).all():
         raise ValueError("episode['avail_actions']: a step where an agent has no available action")
@@ -1309,15 +1353,28 @@ def state_arrays(learner, include_buffer=True):
     return arrays
 
 
+def _file_mode(path):
+    """The mode `path` has if it exists (a replaced checkpoint keeps it), else what the umask
+    gives a new file."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_checkpoint(learner, path, include_buffer=True):
     """One .npz (allow_pickle=False) holding the config, parameters and targets, the optimiser's
     state, the counters, the Generator's state, optionally the episode buffer, and a SHA-256
     digest of all of it. Written to a temporary file in the same folder and renamed over `path`,
-    so a crash mid-save leaves any previous checkpoint at `path` intact."""
+    so a crash mid-save leaves any previous checkpoint at `path` intact. A new file gets the
+    usual mode (0666 less the umask); a replaced one keeps its mode."""
     path = pathlib.Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot save to {path}: the folder {path.parent} does not exist")
     arrays = state_arrays(learner, include_buffer)
     arrays["sha256"] = np.array(_digest(arrays))
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
         with os.fdopen(handle, "wb") as f:
             with zipfile.ZipFile(f, "w") as archive:
@@ -1326,101 +1383,289 @@ def write_checkpoint(learner, path, include_buffer=True):
                         np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _read_arrays(path):
-    """Every array of a checkpoint file, checked for format, version, keys and digest."""
+# --- Reading a checkpoint: a file from a stranger. Everything is checked before it is trusted,
+# and nothing is allocated from a size the file declares before that size is checked.
+
+TEXT_ENTRIES = ("format", "config", "env_info", "rng_state", "sha256")  # JSON or plain text, one string each
+MAX_TEXT_CHARS = 2**20
+ENTRY_NAMES = {*TEXT_ENTRIES, "version", "theta", "target_theta", "optim_t", "counters", "buffer_position",
+               *(f"optim/{n}" for n in Adam.state_names + RMSprop.state_names),
+               *(f"buffer/{n}" for n in episode_fields(1, 1, 1, 1, 1, np.float32))}
+
+
+def parameter_count(config, env_info):
+    """The length of theta for this config and env, computed without building anything: the
+    shapes of init_agent_params and init_mixer, counted. A test holds it to Learner.theta.size."""
+    n, a, s = env_info["n_agents"], env_info["n_actions"], env_info["state_shape"]
+    h, e, k = config.hidden_dim, config.mixing_embed_dim, config.hypernet_embed
+    i = env_info["obs_shape"] + a * config.obs_last_action + n * config.obs_agent_id
+    middle = 3 * h * (2 * h + 2) if config.use_rnn else h * (h + 1)  # GRUCell, or a Linear
+    agent = (h * (i + 1) + middle + a * (h + 1)) * (1 if config.shared_agent else n)
+    if config.mixer != "qmix":
+        return agent
+
+    def hypernet(out):
+        return (s + 1) * out if config.hypernet_layers == 1 else (s + 1) * k + (k + 1) * out
+
+    return agent + hypernet(e * n) + hypernet(e) + 2 * (s + 1) * e + (e + 1)  # + hyper_b_1, V
+
+
+def checkpoint_layout(config, env_info, include_buffer):
+    """name -> (shape, dtype) of every non-text entry a checkpoint of this config and env holds."""
+    dtype, theta = np.dtype(config.dtype), (parameter_count(config, env_info),)
+    names = RMSprop.state_names if config.optimizer == "rmsprop" else Adam.state_names
+    layout = {"version": ((), np.dtype(np.int64)), "theta": (theta, dtype), "target_theta": (theta, dtype),
+              **{f"optim/{name}": (theta, dtype) for name in names},
+              "optim_t": ((), np.dtype(np.int64)), "counters": ((len(COUNTERS),), np.dtype(np.int64))}
+    if include_buffer:
+        fields = episode_fields(env_info["episode_limit"], env_info["n_agents"], env_info["obs_shape"],
+                                env_info["state_shape"], env_info["n_actions"], dtype)
+        layout["buffer_position"] = ((2,), np.dtype(np.int64))
+        layout.update({f"buffer/{k}": ((config.buffer_size,) + shape, dt) for k, (shape, dt) in fields.items()})
+    return layout
+
+
+def _nbytes(shape, dtype):
+    return math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
+
+
+def _read_headers(path, archive):
+    """name -> (shape, dtype) that each member declares in its .npy header, reading nothing else.
+    Refuses unknown names, compressed members (save() never compresses), object dtypes, and a
+    header whose declared size is not exactly the bytes the member holds."""
+    declared, total = {}, 0
+    for info in archive.infolist():
+        name = info.filename[:-len(".npy")]
+        if not info.filename.endswith(".npy") or name not in ENTRY_NAMES or name in declared:
+            raise ValueError(f"{path}: unexpected entry {info.filename!r} (not one save() writes)")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path}: entry {name!r} is compressed; save() never compresses")
+        try:
+            with archive.open(info) as member:
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(member)]
+                shape, fortran_order, dtype = read_header(member)  # a header of at most 10,000 bytes
+                header_bytes = member.tell()
+        except (ValueError, KeyError, EOFError) as err:
+            raise ValueError(f"{path}: entry {name!r} has no .npy header as save() writes ({err!r})") from None
+        if dtype.hasobject or fortran_order:
+            raise ValueError(f"{path}: entry {name!r} holds {'Python objects' if dtype.hasobject else 'a Fortran-order array'}")
+        if header_bytes + _nbytes(shape, dtype) != info.file_size:
+            raise ValueError(f"{path}: entry {name!r} declares {shape} {dtype}, which is not the "
+                             f"{info.file_size - header_bytes} bytes it holds")
+        declared[name] = (shape, dtype)
+        total += info.file_size
+    if total > os.path.getsize(path):
+        raise ValueError(f"{path}: its entries declare {total} bytes, more than the file's {os.path.getsize(path)}")
+    return declared
+
+
+def _read_entry(archive, name):
+    with archive.open(f"{name}.npy") as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def _read_text(path, archive, declared, name):
+    """A text entry (one string of at most MAX_TEXT_CHARS characters), as str."""
+    shape, dtype = declared[name]
+    if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * MAX_TEXT_CHARS:
+        raise ValueError(f"{path}: entry {name!r} must be one string of at most {MAX_TEXT_CHARS} "
+                         f"characters, got {shape} {dtype}")
+    return str(_read_entry(archive, name))
+
+
+def _read_json(path, text, name):
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        value = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: entry {name!r} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: entry {name!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_layout(path, declared, expected):
+    """The declared entries are exactly the expected ones, each with the expected shape and dtype."""
+    names = set(declared) - set(TEXT_ENTRIES)
+    if names != set(expected):
+        raise ValueError(f"{path}: for its config the checkpoint should hold {sorted(set(expected) - names)} "
+                         f"and not {sorted(names - set(expected))}")
+    for name, (shape, dtype) in expected.items():
+        if declared[name] != (shape, dtype):
+            raise ValueError(f"{path}: entry {name!r} declares {declared[name][0]} {declared[name][1]}, but "
+                             f"its config needs {shape} {dtype}")
+
+
+def read_checkpoint(learner_class, path, env_info=None, config=None, max_buffer_bytes=2**30):
+    """A Learner restored from `path`, a file treated as untrusted input. Never unpickles.
+
+    In order, before anything is allocated from what the file declares: the archive's member
+    names and .npy headers (no data); the format marker and version; the stored config and
+    env_info (types and ranges) and, if given, `env_info` and `config` against them (config may
+    differ in t_max); every entry's shape and dtype against what that config implies; the
+    memory the learner would take (a checkpoint without its buffer still gets an empty buffer of
+    config.buffer_size episodes: at most max_buffer_bytes). Then the data and its SHA-256 digest,
+    and every value against what training relies on (see _check_values). Any refusal is a
+    ValueError naming the file and the entry.
+    """
+    path = pathlib.Path(path)
+    if not _is_int(max_buffer_bytes, 0):
+        raise ValueError(f"max_buffer_bytes must be an int >= 0, got {max_buffer_bytes!r}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = _read_headers(path, archive)
+            missing = {"format", "version", *TEXT_ENTRIES} - set(declared)
+            if missing:
+                raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)}")
+            if _read_text(path, archive, declared, "format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{path}: not a qmix-np checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
+            _check_version(path, declared, archive)
+            text = {name: _read_text(path, archive, declared, name) for name in TEXT_ENTRIES}
+            saved_config, saved_env_info = _checked_settings(path, text, env_info, config)
+            expected = checkpoint_layout(saved_config, saved_env_info, "buffer_position" in declared)
+            _check_layout(path, declared, expected)
+            if "buffer_position" not in declared:
+                _check_empty_buffer_size(path, saved_config, saved_env_info, max_buffer_bytes)
+            arrays = {name: _read_entry(archive, name) for name in expected}
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as err:
         raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupt or not .npz): {err}") from None
-    if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a qmix-np checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
-    version = arrays.get("version")
-    if version is None or version.shape != () or version.dtype.kind not in "iu":
-        raise ValueError(f"{path}: no integer format version")
-    if int(version) != CHECKPOINT_VERSION:
-        older = {1: " (version 1 held single transitions, before the episode learner)",
-                 2: " (version 2 came before the GRU agent and Config.use_rnn)"}.get(int(version), "")
-        raise ValueError(f"{path}: checkpoint format version {int(version)}{older}; this code reads "
-                         f"version {CHECKPOINT_VERSION} only")
-    required = {"format", "version", "config", "env_info", "theta", "target_theta", "optim_t",
-                "counters", "rng_state", "sha256"}
-    missing = required - set(arrays)
-    if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)}")
-    stored = str(arrays.pop("sha256"))
-    if _digest(arrays) != stored:
+    if _digest({**arrays, **{k: np.array(v) for k, v in text.items() if k != "sha256"}}) != text["sha256"]:
         raise ValueError(f"{path}: the contents do not match the stored SHA-256 digest (corrupt)")
-    return arrays
-
-
-def read_checkpoint(learner_class, path, env_info=None, config=None):
-    """A Learner restored from `path`. Never unpickles. Refuses (ValueError, saying what is
-    wrong) a file that is not a complete qmix-np checkpoint of this format version, whose digest
-    does not match its contents, or whose arrays do not have the shapes and dtypes its config
-    implies; and, if given, an env_info or config that differs from the checkpoint's (config may
-    differ in t_max)."""
-    arrays = _read_arrays(path)
     try:
-        saved_config = Config(**json.loads(str(arrays["config"])))
-        saved_env_info = check_env_info(json.loads(str(arrays["env_info"])))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: the stored config or env_info is invalid: {err}") from None
-    if env_info is not None and check_env_info(env_info) != saved_env_info:
-        raise ValueError(f"{path}: the checkpoint is for an environment with {saved_env_info}, "
-                         f"not {check_env_info(env_info)}")
-    if config is not None and dataclasses.replace(config, t_max=saved_config.t_max) != saved_config:
-        differ = [f.name for f in dataclasses.fields(Config)
-                  if f.name != "t_max" and getattr(config, f.name) != getattr(saved_config, f.name)]
-        raise ValueError(f"{path}: the checkpoint's config differs in {differ}")
-    learner = learner_class(saved_config if config is None else config, saved_env_info)
-    _restore(learner, path, arrays)
+        learner = learner_class(saved_config if config is None else config, saved_env_info)
+    except MemoryError:
+        raise ValueError(f"{path}: this machine has not the memory for the learner it describes") from None
+    _check_values(path, learner, arrays, text["rng_state"])
+    _restore(learner, arrays, json.loads(text["rng_state"]))
     return learner
 
 
-def _restore(learner, path, arrays):
-    expected = state_arrays(learner, include_buffer="buffer_position" in arrays)
-    unexpected, missing = set(arrays) - set(expected), set(expected) - set(arrays)
-    if unexpected or missing:
-        raise ValueError(f"{path}: unexpected entries {sorted(unexpected)}, missing {sorted(missing)}")
-    for key, value in expected.items():
-        if key in ("format", "version", "config", "env_info", "rng_state"):
-            continue
-        got = arrays[key]
-        if got.shape != value.shape or got.dtype != value.dtype:
-            raise ValueError(f"{path}: {key} has shape {got.shape} and dtype {got.dtype}, but this "
-                             f"config needs shape {value.shape} and dtype {value.dtype}")
-    for key in ("theta", "target_theta", *(f"optim/{k}" for k in learner.optimiser.state)):
-        if not np.isfinite(arrays[key]).all():
-            raise ValueError(f"{path}: {key} holds non-finite values")
-    counters, optim_t = arrays["counters"], int(arrays["optim_t"])
-    if counters.min() < 0 or optim_t < 0:
-        raise ValueError(f"{path}: negative counters {counters.tolist()} or optimiser step {optim_t}")
+def _check_empty_buffer_size(path, config, env_info, max_buffer_bytes):
+    """A checkpoint saved without its buffer: the empty buffer the learner allocates is bounded."""
+    fields = episode_fields(env_info["episode_limit"], env_info["n_agents"], env_info["obs_shape"],
+                            env_info["state_shape"], env_info["n_actions"], config.dtype)
+    buffer_bytes = sum(_nbytes((config.buffer_size,) + shape, dtype) for shape, dtype in fields.values())
+    if buffer_bytes > max_buffer_bytes:
+        raise ValueError(f"{path}: the learner would allocate an empty buffer of {buffer_bytes:,} bytes "
+                         f"(config buffer_size {config.buffer_size}), more than max_buffer_bytes "
+                         f"({max_buffer_bytes:,})")
+
+
+def _check_version(path, declared, archive):
+    shape, dtype = declared["version"]
+    if shape != () or dtype.kind not in "iu":
+        raise ValueError(f"{path}: entry 'version' must be an integer, got {shape} {dtype}")
+    version = int(_read_entry(archive, "version"))
+    if version != CHECKPOINT_VERSION:
+        older = {1: " (version 1 held single transitions, before the episode learner)",
+                 2: " (version 2 came before the GRU agent and Config.use_rnn)"}.get(version, "")
+        raise ValueError(f"{path}: checkpoint format version {version}{older}; this code reads "
+                         f"version {CHECKPOINT_VERSION} only")
+
+
+def _checked_settings(path, text, env_info, config):
+    """The stored Config and env_info, validated, and the caller's against them."""
+    stored = _read_json(path, text["config"], "config")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    if set(stored) != fields:
+        raise ValueError(f"{path}: entry 'config' lacks {sorted(fields - set(stored))} and has unknown "
+                         f"{sorted(set(stored) - fields)}")
     try:
-        learner.rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
-    except (TypeError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: the stored Generator state is invalid: {err}") from None
+        saved_config = Config(**stored)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: entry 'config' is invalid: {err}") from None
+    try:
+        saved_env_info = check_env_info(_read_json(path, text["env_info"], "env_info"))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: entry 'env_info' is invalid: {err}") from None
+    if env_info is not None and check_env_info(env_info) != saved_env_info:
+        raise ValueError(f"{path}: the checkpoint is for an environment with {saved_env_info}, "
+                         f"not {check_env_info(env_info)}")
+    if config is not None:
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a Config, got {type(config).__name__}")
+        differ = [f.name for f in dataclasses.fields(Config)
+                  if f.name != "t_max" and getattr(config, f.name) != getattr(saved_config, f.name)]
+        if differ:
+            raise ValueError(f"{path}: the checkpoint's config differs in {differ}")
+    return saved_config, saved_env_info
+
+
+def _check_values(path, learner, arrays, rng_state):
+    """Every loaded value against what the running code relies on."""
+    for name in ("theta", "target_theta", *(f"optim/{k}" for k in learner.optimiser.state)):
+        if not np.isfinite(arrays[name]).all():
+            raise ValueError(f"{path}: entry {name!r} holds non-finite values")
+    for name in ("optim/exp_avg_sq", "optim/square_avg"):  # averages of squared gradients
+        if name in arrays and arrays[name].min() < 0:
+            raise ValueError(f"{path}: entry {name!r} holds negative values (it averages squares)")
+    counters = dict(zip(COUNTERS, arrays["counters"].tolist()))
+    limit = learner.env_info["episode_limit"]
+    if not (min(counters.values()) >= 0 and counters["train_steps"] == int(arrays["optim_t"])
+            and counters["train_steps"] + counters["skipped_steps"] <= counters["episode"]
+            and counters["last_target_update_episode"] <= counters["episode"]
+            and counters["episode"] <= counters["t_env"] <= counters["episode"] * limit):
+        raise ValueError(f"{path}: entry 'counters' {counters} is inconsistent with itself or with entry "
+                         f"'optim_t' ({int(arrays['optim_t'])}): counters are >= 0, train steps = optimiser "
+                         "steps, at most one train step per episode, 1 to episode_limit env steps per episode")
+    try:
+        state = json.loads(rng_state)
+        if state.get("bit_generator") != type(learner.rng.bit_generator).__name__:
+            raise ValueError(f"not a {type(learner.rng.bit_generator).__name__} state")
+        type(learner.rng.bit_generator)().state = state  # set on a throwaway generator: it checks the rest
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as err:
+        raise ValueError(f"{path}: entry 'rng_state' is not a Generator state for this code: {err}") from None
     if "buffer_position" in arrays:
-        size, next_index = (int(v) for v in arrays["buffer_position"])
-        capacity = learner.buffer.capacity
-        if not (0 <= size <= capacity and 0 <= next_index < capacity
-                and (size == capacity or next_index == size)):
-            raise ValueError(f"{path}: buffer size {size} and next index {next_index} are "
-                             f"inconsistent with capacity {capacity}")
-        for key in learner.buffer.data:
-            learner.buffer.data[key][...] = arrays[f"buffer/{key}"]
-        learner.buffer.size, learner.buffer.next_index = size, next_index
+        _check_buffer(path, learner.buffer, arrays)
+
+
+def _check_buffer(path, buffer, arrays):
+    """The stored episodes: a consistent ring position, each episode as insert() would accept it,
+    and zeros everywhere else (padding and unused slots)."""
+    size, next_index = (int(v) for v in arrays["buffer_position"])
+    if not (0 <= size <= buffer.capacity and 0 <= next_index < buffer.capacity
+            and (size == buffer.capacity or next_index == size)):
+        raise ValueError(f"{path}: entry 'buffer_position' (size {size}, next index {next_index}) is "
+                         f"inconsistent with capacity {buffer.capacity}")
+    data = {name: arrays[f"buffer/{name}"] for name in buffer.fields}
+    in_use = np.arange(buffer.capacity) < size
+    lengths = np.where(in_use, data["filled"].sum(axis=1), 0).astype(np.int64)  # (C,)
+    steps = np.arange(buffer.episode_limit + 1)
+    if not (np.array_equal(data["filled"], steps[None, :-1] < lengths[:, None]) and (lengths[in_use] >= 1).all()):
+        raise ValueError(f"{path}: entry 'buffer/filled' must mark 1 to episode_limit leading steps of "
+                         f"each of the {size} stored episodes, and nothing else")
+    for name, array in data.items():
+        held = lengths + (in_use if array.shape[1] == buffer.episode_limit + 1 else 0)  # steps each slot holds
+        if array[steps[None, :array.shape[1]] >= held[:, None]].any():
+            raise ValueError(f"{path}: entry 'buffer/{name}' must be 0 after each episode's end and in unused slots")
+    for i in np.flatnonzero(in_use):
+        episode = {name: data[name][i, :lengths[i] + (1 if data[name].shape[1] > buffer.episode_limit else 0)]
+                   for name in ("obs", "state", "avail_actions", "actions", "reward", "terminated")}
+        try:
+            check_episode(episode, buffer)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: stored episode {i} (entries 'buffer/...'): {err}") from None
+
+
+def _restore(learner, arrays, rng_state):
+    """Copy checked values into a freshly built learner."""
+    learner.rng.bit_generator.state = rng_state
     learner.theta[...], learner.target_theta[...] = arrays["theta"], arrays["target_theta"]
     for key, value in learner.optimiser.state.items():
         value[...] = arrays[f"optim/{key}"]
-    learner.optimiser.t = optim_t
-    for name, value in zip(COUNTERS, counters.tolist()):
+    learner.optimiser.t = int(arrays["optim_t"])
+    for name, value in zip(COUNTERS, arrays["counters"].tolist()):
         setattr(learner, name, value)
+    if "buffer_position" in arrays:
+        for key in learner.buffer.data:
+            learner.buffer.data[key][...] = arrays[f"buffer/{key}"]
+        learner.buffer.size, learner.buffer.next_index = (int(v) for v in arrays["buffer_position"])

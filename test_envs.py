@@ -269,6 +269,11 @@ def test_an_unflagged_time_limit_warns_once_and_is_treated_as_terminal():
     np.testing.assert_array_equal(learner.buffer.data["terminated"][0], [0, 0, 1])
 
 
+def test_an_episode_limit_flag_that_is_not_a_bool_is_refused():
+    with pytest.raises(TypeError, match="info\\['episode_limit'\\] from env.step\\(\\) must be a bool, got 'yes'"):
+        q.train(Corridor(info_at_limit={"episode_limit": "yes"}), q.Config(mixer="vdn", t_max=3, batch_size=1, buffer_size=2))
+
+
 def test_a_flagged_time_limit_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -258,7 +258,8 @@ def test_three_steps_equal_pymarls_qlearner(mixer, layers, shared, double_q, opt
         loss, grads, _ = q.loss_and_grads(learner.params, learner.target_params, batch, c)
         grad = q.flat_grad(grads, learner.params)
         clipped |= q.clip_grad_norm(grad, c.grad_norm_clip) > c.grad_norm_clip
-        learner.optimiser.step(learner.theta, grad)
+        learner.theta[...], state = learner.optimiser.step(learner.theta, grad)
+        learner.optimiser.commit(state)
 
         opt.zero_grad()
         loss_t = pymarl_train_loss(mac, target_mac, mixer_t, target_mixer_t, batch_t, args)

@@ -548,6 +548,24 @@ def test_acting_restarts_the_hidden_state_every_episode(monkeypatch):
     np.testing.assert_allclose(np.array(acted), expected, rtol=1e-12, atol=1e-12)
 
 
+def take_step(optimiser, params, grad):
+    """What Learner.train_step does with a finite proposal: store it."""
+    params[...], state = optimiser.step(params, grad)
+    optimiser.commit(state)
+
+
+@pytest.mark.parametrize("optimizer", [q.Adam, q.RMSprop])
+def test_a_proposed_step_changes_nothing_until_committed(optimizer):
+    p, g = np.array([0.5, -1.0, 2.0]), np.array([0.3, -2.0, 1.0])
+    opt = optimizer(p, lr=0.1)
+    before = p.copy(), {k: v.copy() for k, v in opt.state.items()}
+    new_p, state = opt.step(p, g)
+    assert not np.array_equal(new_p, p) and opt.t == 0
+    np.testing.assert_array_equal(p, before[0])
+    for key, value in opt.state.items():
+        np.testing.assert_array_equal(value, before[1][key])
+
+
 def test_adam_constant_gradient_closed_form():
     """With a constant g the bias-corrected moments are g and g^2: each step moves lr g / (|g| + eps)."""
     p = np.array([0.5, -1.0, 2.0])
@@ -555,7 +573,7 @@ def test_adam_constant_gradient_closed_form():
     adam = q.Adam(p, lr=0.01, eps=1e-8)
     start = p.copy()
     for _ in range(7):
-        adam.step(p, g)
+        take_step(adam, p, g)
     np.testing.assert_allclose(p, start - 7 * 0.01 * g / (np.abs(g) + 1e-8), rtol=1e-12, atol=1e-15)
 
 
@@ -566,7 +584,7 @@ def test_adam_matches_the_textbook_update_over_several_steps():
     ref, m, v = p.copy(), np.zeros(10), np.zeros(10)
     for t in range(1, 6):
         g = rng.normal(size=10)
-        adam.step(p, g)
+        take_step(adam, p, g)
         m = 0.8 * m + 0.2 * g
         v = 0.9 * v + 0.1 * g * g
         ref = ref - 0.1 * (m / (1 - 0.8**t)) / (np.sqrt(v / (1 - 0.9**t)) + 1e-6)
@@ -581,7 +599,7 @@ def test_rmsprop_constant_gradient_closed_form():
     rmsprop = q.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-5)
     expected = p.copy()
     for t in range(1, 8):
-        rmsprop.step(p, g)
+        take_step(rmsprop, p, g)
         expected -= 0.01 * g / (np.sqrt(1 - 0.9**t) * np.abs(g) + 1e-5)
     np.testing.assert_allclose(p, expected, rtol=1e-12)
     assert rmsprop.t == 7
