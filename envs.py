@@ -279,3 +279,117 @@ class CueRecall(MultiAgentEnv):
         else:
             avail[:, 0] = True
         return avail
+
+
+class PettingZooEnv(MultiAgentEnv):
+    """pymarl's interface over a PettingZoo ParallelEnv with discrete actions:
+
+        env = PettingZooEnv(simple_spread_v3.parallel_env(N=3, local_ratio=0, max_cycles=25))
+
+    It works on any object with the ParallelEnv API (possible_agents, reset(seed) -> (obs,
+    infos), step(actions) -> (obs, rewards, terminations, truncations, infos), action_space(agent),
+    observation_space(agent), optionally state()); PettingZoo itself is never imported here.
+
+    - Agents in the fixed order of possible_agents; observations stacked (N, O), as float.
+      Agents' observation sizes must agree (one network, or N of the same shape, reads them).
+    - The global state: env.state() where the env has one, else the observations concatenated
+      (get_env_info()["state_source"] says which).
+    - Available actions: an agent's "action_mask", from its observation (a dict with
+      "observation" and "action_mask") or its info, else all. Agents with fewer actions than
+      the largest action space get the rest marked unavailable.
+    - The team reward: the sum of the agents' rewards, or their mean (reward="mean").
+    - terminated when every agent terminated; a truncation, or reaching episode_limit, ends the
+      episode with info["episode_limit"] True (a time limit, never terminal).
+    - episode_limit: the argument, else the env's max_cycles (MPE's name) or episode_limit.
+    - QMIX needs a fixed team: an agent that terminates or leaves while others play on is refused.
+    """
+
+    def __init__(self, env, episode_limit=None, reward="sum"):
+        if reward not in ("sum", "mean"):
+            raise ValueError(f"reward must be 'sum' or 'mean', got {reward!r}")
+        self.env, self.reward = env, reward
+        self.agents = list(env.possible_agents)
+        self.n_agents = len(self.agents)
+        limit = episode_limit if episode_limit is not None else self._declared_limit(env)
+        self._check_sizes(("episode_limit", limit, 1))
+        self.episode_limit = int(limit)
+        self.agent_actions = [int(env.action_space(agent).n) for agent in self.agents]  # Discrete(n) each
+        self.n_actions = max(self.agent_actions)
+        sizes = {agent: int(np.prod(self._observation_shape(agent))) for agent in self.agents}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"the agents' observation sizes differ ({sizes}); pad them to one size "
+                             "first: the agent network reads every agent's observation the same way")
+        self.has_state = callable(getattr(env, "state", None))
+        self.reset()
+
+    @staticmethod
+    def _declared_limit(env):
+        for holder in (env, getattr(env, "unwrapped", None)):
+            for name in ("max_cycles", "episode_limit"):
+                if isinstance(getattr(holder, name, None), (int, np.integer)):
+                    return getattr(holder, name)
+        raise ValueError("the env declares no episode length (no max_cycles or episode_limit): "
+                         "pass episode_limit=")
+
+    def _observation_shape(self, agent):
+        space = self.env.observation_space(agent)
+        return space["observation"].shape if hasattr(space, "spaces") and "observation" in space.spaces else space.shape
+
+    def get_env_info(self):
+        return {**super().get_env_info(),
+                "state_source": "env.state()" if self.has_state else "the observations, concatenated"}
+
+    def reset(self, seed=None):
+        observations, infos = self.env.reset(seed=seed)
+        self.steps, self.done = 0, False
+        self._take(observations, infos)
+        return self.get_obs(), self.get_state()
+
+    def _take(self, observations, infos):
+        """Keep one step's observations and action masks, in agent order."""
+        masks = []
+        self.observations = []
+        for i, agent in enumerate(self.agents):
+            observation, mask = observations[agent], (infos or {}).get(agent, {}).get("action_mask")
+            if isinstance(observation, dict):
+                observation, mask = observation["observation"], observation.get("action_mask", mask)
+            avail = np.zeros(self.n_actions, dtype=bool)
+            avail[:self.agent_actions[i]] = True if mask is None else np.asarray(mask, dtype=bool)
+            if self.done and not avail.any():  # after the end nobody acts; the learner wants one action
+                avail[:self.agent_actions[i]] = True
+            self.observations.append(np.asarray(observation, dtype=np.float64).ravel())
+            masks.append(avail)
+        self.avail = np.stack(masks)
+
+    def step(self, actions):
+        actions = self._begin_step(actions)
+        observations, rewards, terminations, truncations, infos = self.env.step(
+            {agent: int(action) for agent, action in zip(self.agents, actions)})
+        self.steps += 1
+        missing = [agent for agent in self.agents if agent not in rewards or agent not in observations]
+        if missing:
+            raise ValueError(f"agent(s) {missing} left the episode while others play on: QMIX needs a fixed team")
+        values = [float(rewards[agent]) for agent in self.agents]
+        reward = float(np.sum(values) if self.reward == "sum" else np.mean(values))
+        terminated = [bool(terminations[agent]) for agent in self.agents]
+        truncated = any(bool(truncations[agent]) for agent in self.agents) or self.steps >= self.episode_limit
+        if any(terminated) and not all(terminated) and not truncated:
+            done = [a for a, t in zip(self.agents, terminated) if t]
+            raise ValueError(f"agent(s) {done} terminated while others play on: QMIX needs a fixed team")
+        self.done = all(terminated) or truncated
+        self._take(observations, infos)
+        return reward, self.done, {"episode_limit": truncated and not all(terminated)}
+
+    def get_obs(self):
+        return np.stack(self.observations)  # (N, O)
+
+    def get_state(self):
+        if self.has_state:
+            try:
+                return np.asarray(self.env.state(), dtype=np.float64).ravel()
+            except NotImplementedError:  # PettingZoo's base class defines state() without one
+                self.has_state = False
+        return np.concatenate(self.observations)
+
+    def get_avail_actions(self):
+        return self.avail.copy()

@@ -73,6 +73,7 @@ class Config:
     obs_agent_id: bool = True  # agent input includes its one-hot agent id (pymarl)
     # --- the learner
     gamma: float = 0.99  # discount
+    standardise_rewards: bool = False  # EPyMARL's: rewards scaled by a running mean and std at each train step
     optimizer: str = "adam"  # "adam" (pymarl2, EPyMARL) or "rmsprop" (pymarl)
     lr: float = 5e-4  # step size of either optimiser
     adam_betas: tuple = (0.9, 0.999)  # Adam's moment decay rates (PyTorch defaults)
@@ -190,7 +191,7 @@ def gru_cell_backward(dh_new, cache):
     dr = dn_pre * h_n  # d(i_n + r h_n)/dr = h_n
     dr_pre = dr * r * (1 - r)  # sigmoid'(a) = sigmoid(a) (1 - sigmoid(a))
     dz_pre = dz * z * (1 - z)
-    d_input_part = np.concatenate([dr_pre, dz_pre, dn_pre], axis=-1)  # d(i_r, i_z, i_n): each enters its gate with slope 1
+    d_input_part = np.concatenate([dr_pre, dz_pre, dn_pre], axis=-1)  # d(i_r, i_z, i_n): slope 1 each
     d_hidden_part = np.concatenate([dr_pre, dz_pre, dn_pre * r], axis=-1)  # d(h_r, h_z, h_n): h_n is scaled by r
     dx, input_grads = linear_backward(d_input_part, input_cache)
     dh, hidden_grads = linear_backward(d_hidden_part, hidden_cache)
@@ -544,8 +545,8 @@ def td_targets(target_params, batch, inputs, online_q, config):
     The target agent net runs over t = 0..T (inputs (B, T + 1, N, I)), from a zero hidden state
     at t = 0 as the online one, and its Qs at t + 1 are kept. Double Q: a'_i = argmax over
     available actions of the ONLINE Qs (online_q, the learner's own forward) at t + 1; without
-    it, of the target Qs (their max). The target mixer sees state[:, 1:]. At padded steps every action is unavailable and a' is 0: a finite
-    value that the mask removes.
+    it, of the target Qs (their max). The target mixer sees state[:, 1:]. At padded steps every
+    action is unavailable and a' is 0: a finite value that the mask removes.
     """
     target_q, _, _ = agent_forward(target_params["agent"], inputs)  # (B, T + 1, N, A)
     target_q = target_q[:, 1:]  # (B, T, N, A): the Qs at t + 1
@@ -802,6 +803,40 @@ class EpisodeBuffer:
 
 
 # ------------------------------------------------------------------------------------------
+# Reward standardisation (EPyMARL's standardise_rewards, off by default as in pymarl)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningMeanStd:
+    """The mean and variance of every reward seen by train steps so far (EPyMARL's RunningMeanStd,
+    in float64), merged batch by batch with Chan et al.'s parallel formula. Immutable: updated()
+    returns the next statistics, which the learner keeps only if its train step is taken."""
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 1e-4  # EPyMARL's epsilon: the prior (0, 1) weighs as almost nothing
+
+    def updated(self, x):
+        """With the batch x merged in: n = x.size, delta = mean(x) - mean,
+
+            mean' = mean + delta n / (count + n)
+            var'  = (var count + var(x) n + delta^2 count n / (count + n)) / (count + n)
+
+        var(x) is unbiased, as torch.var (a single reward has no spread: 0, where torch gives NaN).
+        """
+        n, batch_mean = x.size, float(x.mean())
+        batch_var = float(x.var(ddof=1)) if n > 1 else 0.0
+        total, delta = self.count + n, batch_mean - self.mean
+        return RunningMeanStd(self.mean + delta * n / total,
+                              (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total,
+                              total)
+
+    def standardise(self, x):
+        return (x - self.mean) / math.sqrt(self.var)
+
+
+# ------------------------------------------------------------------------------------------
 # Learner
 # ------------------------------------------------------------------------------------------
 
@@ -844,6 +879,7 @@ class Learner:
         self.last_target_update_episode = 0
         self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient norm
         self.last_diagnostics = None  # what the latest train_step returned
+        self.reward_stats = RunningMeanStd()  # of the rewards train steps have seen (standardise_rewards)
         self.history = {key: [] for key in HISTORY_KEYS}  # per training episode (not saved)
         self.init_hidden()
 
@@ -893,6 +929,10 @@ class Learner:
         """
         c = self.config
         batch = self.buffer.sample(c.batch_size, self.rng)
+        reward_stats = self.reward_stats
+        if c.standardise_rewards:  # as EPyMARL: over the batch's (B, T) rewards, padding included
+            reward_stats = reward_stats.updated(batch["reward"])
+            batch["reward"] = reward_stats.standardise(batch["reward"])
         loss, grads, diagnostics = loss_and_grads(self.params, self.target_params, batch, c)
         grad = flat_grad(grads, self.params)  # a fresh vector: clipping it changes nothing stored
         grad_norm = clip_grad_norm(grad, c.grad_norm_clip)
@@ -910,6 +950,7 @@ class Learner:
             return {"loss": loss, "grad_norm": grad_norm, "skipped": True, **diagnostics}
         self.theta[...] = new_theta
         self.optimiser.commit(new_state)
+        self.reward_stats = reward_stats
         self.train_steps += 1
         if (self.episode - self.last_target_update_episode) / c.target_update_interval >= 1.0:
             self.update_targets()
@@ -1108,6 +1149,7 @@ _CONFIG_RULES = (  # (field, test, what it must be)
     ("batch_size", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
     ("buffer_size", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
     ("double_q", _is_bool, "True or False"),
+    ("standardise_rewards", _is_bool, "True or False"),
     ("grad_norm_clip", lambda v: _is_real(v, 0.0, math.inf) and v > 0, "a number > 0"),
     ("target_update_interval", lambda v: _is_int(v, 1), "an int >= 1 (episodes)"),
     ("epsilon_start", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
@@ -1345,6 +1387,7 @@ def state_arrays(learner, include_buffer=True):
         **{f"optim/{k}": v for k, v in learner.optimiser.state.items()},
         "optim_t": np.array(learner.optimiser.t),
         "counters": np.array([getattr(learner, name) for name in COUNTERS], dtype=np.int64),
+        "reward_stats": np.array(dataclasses.astuple(learner.reward_stats)),  # mean, var, count
         "rng_state": np.array(json.dumps(learner.rng.bit_generator.state)),
     }
     if include_buffer:
@@ -1395,7 +1438,8 @@ def write_checkpoint(learner, path, include_buffer=True):
 
 TEXT_ENTRIES = ("format", "config", "env_info", "rng_state", "sha256")  # JSON or plain text, one string each
 MAX_TEXT_CHARS = 2**20
-ENTRY_NAMES = {*TEXT_ENTRIES, "version", "theta", "target_theta", "optim_t", "counters", "buffer_position",
+ENTRY_NAMES = {*TEXT_ENTRIES, "version", "theta", "target_theta", "optim_t", "counters", "reward_stats",
+               "buffer_position",
                *(f"optim/{n}" for n in Adam.state_names + RMSprop.state_names),
                *(f"buffer/{n}" for n in episode_fields(1, 1, 1, 1, 1, np.float32))}
 
@@ -1423,7 +1467,8 @@ def checkpoint_layout(config, env_info, include_buffer):
     names = RMSprop.state_names if config.optimizer == "rmsprop" else Adam.state_names
     layout = {"version": ((), np.dtype(np.int64)), "theta": (theta, dtype), "target_theta": (theta, dtype),
               **{f"optim/{name}": (theta, dtype) for name in names},
-              "optim_t": ((), np.dtype(np.int64)), "counters": ((len(COUNTERS),), np.dtype(np.int64))}
+              "optim_t": ((), np.dtype(np.int64)), "counters": ((len(COUNTERS),), np.dtype(np.int64)),
+              "reward_stats": ((3,), np.dtype(np.float64))}
     if include_buffer:
         fields = episode_fields(env_info["episode_limit"], env_info["n_agents"], env_info["obs_shape"],
                                 env_info["state_shape"], env_info["n_actions"], dtype)
@@ -1456,7 +1501,8 @@ def _read_headers(path, archive):
         except (ValueError, KeyError, EOFError) as err:
             raise ValueError(f"{path}: entry {name!r} has no .npy header as save() writes ({err!r})") from None
         if dtype.hasobject or fortran_order:
-            raise ValueError(f"{path}: entry {name!r} holds {'Python objects' if dtype.hasobject else 'a Fortran-order array'}")
+            what = "Python objects" if dtype.hasobject else "a Fortran-order array"
+            raise ValueError(f"{path}: entry {name!r} holds {what}")
         if header_bytes + _nbytes(shape, dtype) != info.file_size:
             raise ValueError(f"{path}: entry {name!r} declares {shape} {dtype}, which is not the "
                              f"{info.file_size - header_bytes} bytes it holds")
@@ -1605,6 +1651,10 @@ def _check_values(path, learner, arrays, rng_state):
     for name in ("theta", "target_theta", *(f"optim/{k}" for k in learner.optimiser.state)):
         if not np.isfinite(arrays[name]).all():
             raise ValueError(f"{path}: entry {name!r} holds non-finite values")
+    mean, var, count = arrays["reward_stats"].tolist()
+    if not (math.isfinite(mean) and 0 < var < math.inf and 0 < count < math.inf):
+        raise ValueError(f"{path}: entry 'reward_stats' must be a finite mean, a variance > 0 and a count > 0, "
+                         f"got {[mean, var, count]}")
     for name in ("optim/exp_avg_sq", "optim/square_avg"):  # averages of squared gradients
         if name in arrays and arrays[name].min() < 0:
             raise ValueError(f"{path}: entry {name!r} holds negative values (it averages squares)")
@@ -1665,6 +1715,7 @@ def _restore(learner, arrays, rng_state):
     learner.optimiser.t = int(arrays["optim_t"])
     for name, value in zip(COUNTERS, arrays["counters"].tolist()):
         setattr(learner, name, value)
+    learner.reward_stats = RunningMeanStd(*arrays["reward_stats"].tolist())
     if "buffer_position" in arrays:
         for key in learner.buffer.data:
             learner.buffer.data[key][...] = arrays[f"buffer/{key}"]

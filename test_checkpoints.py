@@ -63,7 +63,8 @@ def rewrite(path, change):
 
 @pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
 def test_checkpoint_round_trip_with_and_without_the_buffer(tmp_path, optimizer):
-    learner, path = saved(tmp_path, optimizer=optimizer)
+    learner, path = saved(tmp_path, optimizer=optimizer, standardise_rewards=True)
+    assert learner.reward_stats.count > 1
     restored = q.Learner.load(path)
     for key, value in q.state_arrays(learner).items():
         np.testing.assert_array_equal(q.state_arrays(restored)[key], value, err_msg=key)
@@ -173,6 +174,8 @@ CRAFTED = [  # (id, change to the saved arrays, re-sign?, what the refusal must 
     ("an inf target", edited("target_theta", setitem(0, np.inf)), True, "entry 'target_theta' holds non-finite"),
     ("a negative second moment", edited("optim/exp_avg_sq", setitem(0, -1.0)), True, "entry 'optim/exp_avg_sq' holds negative"),
     ("a NaN first moment", edited("optim/exp_avg", setitem(0, np.nan)), True, "entry 'optim/exp_avg' holds non-finite"),
+    ("a negative reward variance", edited("reward_stats", setitem(1, -1.0)), True, "entry 'reward_stats' must be"),
+    ("a NaN reward mean", edited("reward_stats", setitem(0, np.nan)), True, "entry 'reward_stats' must be"),
     ("a negative counter", edited("counters", setitem(0, -5)), True, "entry 'counters' .* inconsistent"),
     ("more train steps than optimiser steps", edited("counters", setitem(2, 10**6)), True, "entry 'counters' .* inconsistent"),
     ("more env steps than episodes allow", edited("counters", setitem(0, 10**6)), True, "entry 'counters' .* inconsistent"),

@@ -330,3 +330,134 @@ def test_an_env_that_breaks_the_interface_gets_a_clear_message(env, error, words
         assert "PettingZoo" in str(caught.value) and "reset, step, get_obs" in str(caught.value)
     if isinstance(env, GymnasiumStyle):
         assert "Gymnasium-style" in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------
+# PettingZoo: the adapter, against a fake ParallelEnv (PettingZoo itself is optional)
+# ------------------------------------------------------------------------------------------
+
+
+class Discrete:
+    def __init__(self, n):
+        self.n = n
+
+
+class Box:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+class FakeParallelEnv:
+    """The ParallelEnv API, small: agents "b" (3 actions) and "a" (2), listed b first; each
+    observes [its index, t, the seed]; the team moves on a counter that ends the episode
+    (every agent terminated) when it reaches 3, or truncates at max_cycles. Rewards: b gets 1,
+    a gets 3 per step. Action masks come in the infos: b may never take action 2."""
+
+    possible_agents = ["b", "a"]
+
+    def __init__(self, max_cycles=5, obs_sizes=(3, 3), leave_at=None, state=True):
+        self.max_cycles, self.sizes, self.leave_at = max_cycles, dict(zip(self.possible_agents, obs_sizes)), leave_at
+        if not state:
+            self.state = None
+
+    def action_space(self, agent):
+        return Discrete({"b": 3, "a": 2}[agent])
+
+    def observation_space(self, agent):
+        return Box((self.sizes[agent],))
+
+    def _observe(self):
+        return ({agent: np.array([i, self.t, self.seed, 0.0][:self.sizes[agent]]) for i, agent in enumerate(self.agents)},
+                {agent: {"action_mask": np.array([1, 1, 0]) if agent == "b" else np.array([1, 1])} for agent in self.agents})
+
+    def reset(self, seed=None):
+        self.agents, self.t, self.counter, self.seed = list(self.possible_agents), 0, 0, -1 if seed is None else seed
+        return self._observe()
+
+    def step(self, actions):
+        self.t += 1
+        self.counter += actions["a"]  # agent a's action 1 moves the team on
+        done = self.counter >= 3
+        truncated = self.t >= self.max_cycles and not done
+        if self.leave_at == self.t:
+            self.agents = ["b"]
+        observations, infos = self._observe()
+        rewards = {agent: {"b": 1.0, "a": 3.0}[agent] for agent in self.agents}
+        terminations = {agent: done for agent in self.agents}
+        truncations = {agent: truncated for agent in self.agents}
+        return observations, rewards, terminations, truncations, infos
+
+    def state(self):
+        return np.array([self.t, self.counter, 7.0])
+
+
+def test_pettingzoo_adapter_gives_pymarls_interface():
+    env = envs.PettingZooEnv(FakeParallelEnv())
+    assert env.get_env_info() == {"state_shape": 3, "obs_shape": 3, "n_actions": 3, "n_agents": 2,
+                                  "episode_limit": 5, "state_source": "env.state()"}
+    obs, state = env.reset(seed=11)
+    np.testing.assert_array_equal(obs, [[0, 0, 11], [1, 0, 11]])  # possible_agents' order: b, then a
+    np.testing.assert_array_equal(state, [0, 0, 7])
+    np.testing.assert_array_equal(env.get_avail_actions(), [[1, 1, 0], [1, 1, 0]])  # b's mask; a has 2 actions
+    assert env.step([0, 1]) == (4.0, False, {"episode_limit": False})  # the sum of the rewards
+    assert env.step([1, 1]) == (4.0, False, {"episode_limit": False})
+    assert env.step([0, 1]) == (4.0, True, {"episode_limit": False})  # every agent terminated
+    with pytest.raises(ValueError, match="unavailable"):
+        envs.PettingZooEnv(FakeParallelEnv()).step([2, 0])  # b's mask forbids action 2
+    with pytest.raises(ValueError, match="unavailable"):
+        envs.PettingZooEnv(FakeParallelEnv()).step([0, 2])  # a has only 2 actions
+
+
+def test_pettingzoo_truncation_is_a_time_limit_not_a_terminal_state():
+    env = envs.PettingZooEnv(FakeParallelEnv(max_cycles=2), reward="mean")
+    assert env.step([0, 0]) == (2.0, False, {"episode_limit": False})  # the mean of the rewards
+    assert env.step([0, 0]) == (2.0, True, {"episode_limit": True})
+    limited = envs.PettingZooEnv(FakeParallelEnv(max_cycles=50), episode_limit=1)  # the argument wins
+    assert limited.episode_limit == 1 and limited.step([0, 0])[1:] == (True, {"episode_limit": True})
+
+
+def test_pettingzoo_without_a_state_uses_the_observations():
+    env = envs.PettingZooEnv(FakeParallelEnv(state=False))
+    assert env.get_env_info()["state_source"] == "the observations, concatenated"
+    np.testing.assert_array_equal(env.get_state(), [0, 0, -1, 1, 0, -1])
+
+
+class OneTerminates(FakeParallelEnv):
+    def step(self, actions):
+        observations, rewards, terminations, truncations, infos = super().step(actions)
+        return observations, rewards, {**terminations, "a": True}, truncations, infos
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: envs.PettingZooEnv(FakeParallelEnv(obs_sizes=(3, 4))), "observation sizes differ"),
+    (lambda: envs.PettingZooEnv(OneTerminates()).step([0, 0]), "\\['a'\\] terminated while others play on"),
+    (lambda: envs.PettingZooEnv(FakeParallelEnv(), reward="max"), "reward must be 'sum' or 'mean'"),
+    (lambda: envs.PettingZooEnv(FakeParallelEnv(leave_at=1)).step([0, 0]), "left the episode while others play on"),
+    (lambda: envs.PettingZooEnv(FakeParallelEnv(max_cycles=None)), "pass episode_limit="),
+])
+def test_pettingzoo_adapter_refuses_what_qmix_cannot_use(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_pettingzoo_env_trains_and_evaluates_and_reset_seeds_pass_through():
+    env = envs.PettingZooEnv(FakeParallelEnv(max_cycles=6))
+    learner = q.train(env, q.Config(t_max=200, batch_size=4, buffer_size=20, hidden_dim=8))
+    assert learner.t_env >= 200 and learner.train_steps > 0
+    seeds = {int(s) for s in learner.buffer.data["obs"][:len(learner.buffer), 0, 0, 2]}
+    assert len(seeds) > 1 and -1 not in seeds  # train() seeded every reset
+    result = q.evaluate(env, learner, 3, seed=100)
+    assert result["episodes"] == 3
+
+
+def test_a_real_simple_spread_episode_trains_and_evaluates():
+    """Needs pip install pettingzoo mpe2 (never a dependency); skipped without them."""
+    simple_spread_v3 = pytest.importorskip("mpe2.simple_spread_v3")
+    env = envs.PettingZooEnv(simple_spread_v3.parallel_env(N=3, local_ratio=0, max_cycles=25,
+                                                           continuous_actions=False))
+    assert env.get_env_info() == {"state_shape": 54, "obs_shape": 18, "n_actions": 5, "n_agents": 3,
+                                  "episode_limit": 25, "state_source": "env.state()"}
+    learner = q.train(env, q.Config(t_max=100, batch_size=2, buffer_size=10, hidden_dim=8))
+    assert learner.episode == 4 and learner.train_steps == 3  # every episode runs its 25 steps
+    result = q.evaluate(env, learner, 2, seed=0)
+    assert result["success_rate"] == 0.0 and result["mean_length"] == 25  # spread never terminates

@@ -1,6 +1,7 @@
 """The example scripts run to their last line at tiny budgets, from another folder, writing only
 there; the benchmark's JSON report has every part (its timings are not asserted: this is a
 shared machine); the README's own-environment example trains."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -42,10 +43,21 @@ def test_the_examples_run_from_another_folder_and_write_only_there(tmp_path):
 
 
 def test_the_help_shows_every_default():
-    for script in ("vdn_vs_qmix.py", "meeting_gridworld.py", "memory_task.py", "benchmark.py"):
+    for script in ("vdn_vs_qmix.py", "meeting_gridworld.py", "memory_task.py", "mpe_spread.py", "benchmark.py"):
         shown = run(HERE, HERE / "examples" / script, "--help").stdout
         options = re.findall(r"^  (--[a-z-]+)", shown, flags=re.M)
         assert options and shown.count("(default:") >= len(options) - 1, script  # all but --help
+
+
+def test_the_mpe_example_says_what_it_needs_or_runs(tmp_path):
+    """Without pettingzoo and mpe2 it says how to install them; with them, a tiny run works."""
+    result = run(tmp_path, HERE / "examples" / "mpe_spread.py", "--methods", "qmix", "--seeds", "1", "--t-max", "60",
+                 "--curve-every", "30", "--eval-episodes", "2", "--json")
+    if importlib.util.find_spec("mpe2") is None:
+        assert result.returncode == 1 and "pip install pettingzoo mpe2" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert set(json.loads(result.stdout)) == {"random", "QMIX"}
 
 
 def test_benchmark_runs_and_reports_every_part_as_json():

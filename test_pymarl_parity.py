@@ -110,9 +110,28 @@ class MAC:
         return torch.stack([q for q, _ in outs], dim=1)
 
 
+class RunningMeanStd:
+    """EPyMARL's (src/components/standarize_stream.py), in float64."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = torch.zeros((1,), dtype=torch.float64), torch.ones((1,), dtype=torch.float64), 1e-4
+
+    def update(self, arr):
+        arr = arr.reshape(-1, arr.size(-1))
+        batch_mean, batch_var, batch_count = torch.mean(arr, dim=0), torch.var(arr, dim=0), arr.shape[0]
+        delta = batch_mean - self.mean
+        tot_count = self.count + batch_count
+        new_mean = self.mean + delta * batch_count / tot_count
+        m_2 = self.var * self.count + batch_var * batch_count + torch.square(delta) * self.count * batch_count / tot_count
+        self.mean, self.var, self.count = new_mean, m_2 / tot_count, tot_count
+
+
 def pymarl_train_loss(mac, target_mac, mixer, target_mixer, batch, args):
-    """QLearner.train up to the loss, line for line."""
+    """QLearner.train up to the loss, line for line (with EPyMARL's standardise_rewards)."""
     rewards = batch["reward"][:, :-1]
+    if args.get("rew_ms") is not None:
+        args["rew_ms"].update(rewards)
+        rewards = (rewards - args["rew_ms"].mean) / torch.sqrt(args["rew_ms"].var)
     actions = batch["actions"][:, :-1]
     terminated = batch["terminated"][:, :-1].to(rewards.dtype)  # pymarl: .float()
     mask = batch["filled"][:, :-1].to(rewards.dtype)
@@ -234,15 +253,18 @@ def test_gru_cell_is_torchs(grouped):
     ("qmix", 2, True, True, "adam", 100.0, True), ("qmix", 1, True, False, "rmsprop", 100.0, True),
     ("qmix", 2, False, True, "rmsprop", 0.5, True), ("qmix", 2, True, True, "adam", 0.5, True),
     ("vdn", 1, False, True, "adam", 100.0, True), ("none", 1, True, True, "rmsprop", 100.0, True),
+    ("qmix", 2, True, True, "adam", 100.0, "standardise_rewards"),
 ])
 def test_three_steps_equal_pymarls_qlearner(mixer, layers, shared, double_q, optimizer, clip, use_rnn):
+    standardise = use_rnn == "standardise_rewards"  # EPyMARL's, with the GRU agent
     learner = small_learner(mixer, hypernet_layers=layers, shared_agent=shared, double_q=double_q,
-                            optimizer=optimizer, grad_norm_clip=clip, gamma=0.9, lr=0.01, use_rnn=use_rnn)
+                            optimizer=optimizer, grad_norm_clip=clip, gamma=0.9, lr=0.01, use_rnn=bool(use_rnn),
+                            standardise_rewards=standardise)
     learner.target_theta += np.random.default_rng(3).normal(scale=0.2, size=learner.theta.shape)
     batch = episode_batch(learner)
     c = learner.config
     args = {"gamma": c.gamma, "double_q": c.double_q, "obs_last_action": c.obs_last_action,
-            "obs_agent_id": c.obs_agent_id}
+            "obs_agent_id": c.obs_agent_id, "rew_ms": RunningMeanStd() if standardise else None}
     agents, target_agents = torch_agents(learner, learner.params["agent"]), torch_agents(learner, learner.target_params["agent"])
     mixer_t, target_mixer_t = torch_mixer(learner, learner.params["mixer"]), torch_mixer(learner, learner.target_params["mixer"])
     mac, target_mac = MAC(agents, learner.n_agents, args), MAC(target_agents, learner.n_agents, args)
@@ -254,8 +276,12 @@ def test_three_steps_equal_pymarls_qlearner(mixer, layers, shared, double_q, opt
     batch_t = pymarl_batch(batch)
 
     clipped = False
+    stats = q.RunningMeanStd()
     for step in range(3):
-        loss, grads, _ = q.loss_and_grads(learner.params, learner.target_params, batch, c)
+        if standardise:  # what Learner.train_step does
+            stats = stats.updated(batch["reward"])
+        ours = {**batch, "reward": stats.standardise(batch["reward"])} if standardise else batch
+        loss, grads, _ = q.loss_and_grads(learner.params, learner.target_params, ours, c)
         grad = q.flat_grad(grads, learner.params)
         clipped |= q.clip_grad_norm(grad, c.grad_norm_clip) > c.grad_norm_clip
         learner.theta[...], state = learner.optimiser.step(learner.theta, grad)

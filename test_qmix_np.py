@@ -605,6 +605,38 @@ def test_rmsprop_constant_gradient_closed_form():
     assert rmsprop.t == 7
 
 
+def test_running_mean_std_merges_batches_as_epymarl():
+    """EPyMARL's update_from_moments, restated line by line, over three batches."""
+    rng = np.random.default_rng(4)
+    stats, mean, var, count = q.RunningMeanStd(), 0.0, 1.0, 1e-4
+    for size in (12, 7, 30):
+        x = rng.normal(2.0, 3.0, size)
+        stats = stats.updated(x)
+        batch_mean, batch_var = x.mean(), x.var(ddof=1)
+        delta, tot = batch_mean - mean, count + size
+        m_2 = var * count + batch_var * size + delta**2 * count * size / (count + size)
+        mean, var, count = mean + delta * size / tot, m_2 / (count + size), size + count
+        assert (stats.mean, stats.var, stats.count) == pytest.approx((mean, var, count), rel=1e-12)
+    np.testing.assert_allclose(stats.standardise(np.array([mean])), [0.0], atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
+def test_standardised_rewards_are_what_the_train_step_learns_from_and_kept_only_with_the_step():
+    learner = small_learner("qmix", standardise_rewards=True, lr=1e38, optimizer="rmsprop", dtype="float32")
+    episode_batch(learner)
+    with pytest.raises(FloatingPointError):  # lr 1e38: the update overflows float32 and is refused...
+        learner.train_step()
+    assert learner.reward_stats == q.RunningMeanStd()  # ...and so are the statistics
+    learner.optimiser.lr = 1e-3
+    learner.rng = np.random.default_rng(0)
+    batch = learner.buffer.sample(4, copy.deepcopy(learner.rng))
+    expected = q.RunningMeanStd().updated(batch["reward"])
+    standardised = {**batch, "reward": expected.standardise(batch["reward"])}
+    loss, _, _ = q.loss_and_grads(learner.params, learner.target_params, standardised, learner.config)
+    assert learner.train_step()["loss"] == loss
+    assert learner.reward_stats == expected
+
+
 def test_clipping_scales_as_pytorch_clip_grad_norm():
     g = np.array([3.0, 4.0, 12.0])  # norm 13
     direction = g / 13
