@@ -107,6 +107,7 @@ def write_curves(args, curves):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: the PNG was skipped (pip install matplotlib)", file=sys.stderr)
         return [out / "mpe_spread.csv"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for (method, seed), curve in curves.items():
