@@ -1396,6 +1396,12 @@ def state_arrays(learner, include_buffer=True):
     return arrays
 
 
+def _as_path(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return pathlib.Path(path)
+
+
 def _file_mode(path):
     """The mode `path` has if it exists (a replaced checkpoint keeps it), else what the umask
     gives a new file."""
@@ -1412,7 +1418,7 @@ def write_checkpoint(learner, path, include_buffer=True):
     digest of all of it. Written to a temporary file in the same folder and renamed over `path`,
     so a crash mid-save leaves any previous checkpoint at `path` intact. A new file gets the
     usual mode (0666 less the umask); a replaced one keeps its mode."""
-    path = pathlib.Path(path)
+    path = _as_path(path)
     if not path.parent.is_dir():
         raise ValueError(f"cannot save to {path}: the folder {path.parent} does not exist")
     arrays = state_arrays(learner, include_buffer)
@@ -1561,7 +1567,7 @@ def read_checkpoint(learner_class, path, env_info=None, config=None, max_buffer_
     and every value against what training relies on (see _check_values). Any refusal is a
     ValueError naming the file and the entry.
     """
-    path = pathlib.Path(path)
+    path = _as_path(path)
     if not _is_int(max_buffer_bytes, 0):
         raise ValueError(f"max_buffer_bytes must be an int >= 0, got {max_buffer_bytes!r}")
     try:

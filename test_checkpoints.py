@@ -525,6 +525,9 @@ def bad_input_cases():
         ("train: callback not callable", lambda l, e, g: q.train(e, l.config, learner=l, callback=5), TypeError, "callback must be None or callable"),
         ("mixer: unknown name", lambda l, e, g: q.get_mixer("sum"), ValueError, "mixer must be one of"),
         ("save: a folder that does not exist", lambda l, e, g: l.save(HERE / "no-such-folder" / "run.npz"), ValueError, "no-such-folder"),
+        ("save: a path that is not one", lambda l, e, g: l.save(7), TypeError, "path must be a str or os.PathLike, got int"),
+        ("load: a path that is not one", lambda l, e, g: q.Learner.load(None), TypeError, "path must be a str or os.PathLike, got NoneType"),
+        ("load: max_buffer_bytes not an int", lambda l, e, g: q.Learner.load(HERE / "x.npz", max_buffer_bytes=True), ValueError, "max_buffer_bytes must be an int >= 0"),
     ]
 
 
