@@ -67,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--epsilon-finish", type=float, default=0.05, help="epsilon after annealing")
     parser.add_argument("--buffer-size", type=int, default=500, help="replay capacity (episodes)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's step size")
+    parser.add_argument("--adam-eps", type=float, default=q.Config.adam_eps, help="Adam's denominator guard")
     parser.add_argument("--grid-size", type=int, default=5, help="the grid is this many cells square")
     parser.add_argument("--n-agents", type=int, default=2, help="agents that must meet")
     parser.add_argument("--max-steps", type=int, default=50, help="time limit per episode")
@@ -96,8 +97,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.hidden_dim < 1 or args.buffer_size < q.Config.batch_size:
         parser.error(f"--hidden-dim must be at least 1 and --buffer-size at least {q.Config.batch_size}")
-    if not 0 < args.lr < float("inf"):
-        parser.error("--lr must be a finite number > 0")
+    if not (0 < args.lr < float("inf") and 0 < args.adam_eps < float("inf")):
+        parser.error("--lr and --adam-eps must be finite numbers > 0")
     try:
         make_env(args)
     except ValueError as err:
@@ -121,8 +122,8 @@ def make_config(args, mixer, seed):
     anneal = args.epsilon_anneal_time or max(1, args.t_max // 2)
     return q.Config(mixer=mixer, seed=seed, t_max=max(args.t_max, 0), epsilon_anneal_time=anneal,
                     epsilon_finish=args.epsilon_finish, hidden_dim=args.hidden_dim, lr=args.lr,
-                    use_rnn=args.agent == "gru", gamma=0.95, buffer_size=args.buffer_size,
-                    target_update_interval=20, hypernet_layers=1)
+                    adam_eps=args.adam_eps, use_rnn=args.agent == "gru", gamma=0.95,
+                    buffer_size=args.buffer_size, target_update_interval=20, hypernet_layers=1)
 
 
 class Monitor:
