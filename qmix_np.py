@@ -23,11 +23,12 @@ time; with use_rnn=False, EPyMARL's feed-forward variant fc1 -> ReLU -> Linear -
 The README lists where this file departs from the paper and pymarl.
 
 Sections follow the data: config -> primitives -> agent network -> mixers -> TD loss over
-episodes -> optimisers -> episode replay buffer -> learner -> train / evaluate. Then, under one
-banner, input validation and the checkpoint format, which the algorithm calls but never needs
-to be read for. Every forward returns (out, cache) and every backward takes (dout, cache) and
-returns (d_input, {param name: grad}); no function keeps state between calls, so online and
-target networks can both run forward before any backward.
+episodes -> optimisers -> episode replay buffer -> reward standardisation -> learner -> train /
+evaluate. Then, under one banner, input validation and the checkpoint format, which the
+algorithm calls but never needs to be read for. Every forward returns (out, cache) and every
+backward takes (dout, cache) and returns (d_input, {param name: grad}) (the GRU cell also
+returns dL/dh); no function keeps state between calls, so online and target networks can both
+run forward before any backward.
 
 Shapes: B episodes in a batch, T time steps with an action (an episode stores T + 1 states),
 N agents, O observation, A actions, I agent input (O, + A with the last action, + N with the
