@@ -39,11 +39,15 @@ def test_the_examples_run_from_another_folder_and_write_only_there(tmp_path):
     report = json.loads(memory.stdout)
     assert report["memoryless_bound"] == 1 / 9 and 1 / 9 <= report["memoryless_best_on_evaluation"] <= 1
     assert set(report) == {"memoryless_bound", "memoryless_best_on_evaluation", "GRU (use_rnn=True)", "MLP (use_rnn=False)"}
+    soak = run(tmp_path, HERE / "examples" / "soak.py", "--t-max", "2000", "--every", "1000", "--eval-episodes", "5")
+    assert soak.returncode == 0, soak.stderr
+    assert "all losses and gradient norms finite: True; skipped steps: 0" in soak.stdout
     assert sorted(p.stat().st_mtime_ns for p in (HERE / "examples" / "results").iterdir()) == before
 
 
 def test_the_help_shows_every_default():
-    for script in ("vdn_vs_qmix.py", "meeting_gridworld.py", "memory_task.py", "mpe_spread.py", "benchmark.py"):
+    for script in ("vdn_vs_qmix.py", "meeting_gridworld.py", "memory_task.py", "mpe_spread.py", "soak.py",
+                   "benchmark.py"):
         shown = run(HERE, HERE / "examples" / script, "--help").stdout
         options = re.findall(r"^  (--[a-z-]+)", shown, flags=re.M)
         assert options and shown.count("(default:") >= len(options) - 1, script  # all but --help
