@@ -692,6 +692,12 @@ class Optimiser:
     commit(state) then stores the state and counts the step.
     """
 
+    state_names = ()  # the per-parameter statistics a subclass keeps, by PyTorch's names
+
+    def __init__(self, params):
+        self.state = {name: np.zeros_like(params) for name in self.state_names}
+        self.t = 0  # steps taken
+
     def commit(self, state):
         for key, value in state.items():
             self.state[key][...] = value
@@ -708,9 +714,8 @@ class Adam(Optimiser):
     state_names = ("exp_avg", "exp_avg_sq")  # m and v, by PyTorch's names
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params)
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.state = {name: np.zeros_like(params) for name in self.state_names}
-        self.t = 0  # steps taken
 
     def step(self, params, grad):
         t = self.t + 1
@@ -731,9 +736,8 @@ class RMSprop(Optimiser):
     state_names = ("square_avg",)  # v, by PyTorch's name
 
     def __init__(self, params, lr, alpha=0.99, eps=1e-8):
+        super().__init__(params)
         self.lr, self.alpha, self.eps = lr, alpha, eps
-        self.state = {name: np.zeros_like(params) for name in self.state_names}
-        self.t = 0  # steps taken
 
     def step(self, params, grad):
         v = self.alpha * self.state["square_avg"] + (1 - self.alpha) * np.square(grad)
