@@ -1286,8 +1286,8 @@ def check_env(env):
     """Refuse an object without pymarl's MultiAgentEnv methods, saying what the interface is."""
     missing = [name for name in ENV_METHODS if not callable(getattr(env, name, None))]
     if missing:
-        hint = (" It looks like a PettingZoo ParallelEnv: wrap it in an adapter that gives pymarl's "
-                "interface." if hasattr(env, "possible_agents") else "")
+        hint = (" It looks like a PettingZoo ParallelEnv: wrap it as envs.PettingZooEnv(env)."
+                if hasattr(env, "possible_agents") else "")
         raise TypeError(f"env lacks {missing}: qmix_np drives environments with pymarl's interface, "
                         f"{', '.join(ENV_METHODS)} (see envs.MultiAgentEnv).{hint}")
 

@@ -327,7 +327,7 @@ def test_an_env_that_breaks_the_interface_gets_a_clear_message(env, error, words
         q.train(env, q.Config(mixer="vdn", t_max=9, batch_size=1, buffer_size=5))
     assert words in str(caught.value)
     if isinstance(env, NotAnEnv):
-        assert "PettingZoo" in str(caught.value) and "reset, step, get_obs" in str(caught.value)
+        assert "envs.PettingZooEnv(env)" in str(caught.value) and "reset, step, get_obs" in str(caught.value)
     if isinstance(env, GymnasiumStyle):
         assert "Gymnasium-style" in str(caught.value)
 
