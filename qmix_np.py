@@ -1578,7 +1578,7 @@ def read_checkpoint(learner_class, path, env_info=None, config=None, max_buffer_
     try:
         with zipfile.ZipFile(path) as archive:
             declared = _read_headers(path, archive)
-            missing = {"format", "version", *TEXT_ENTRIES} - set(declared)
+            missing = {"version", *TEXT_ENTRIES} - set(declared)
             if missing:
                 raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)}")
             if _read_text(path, archive, declared, "format") != CHECKPOINT_FORMAT:
