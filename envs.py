@@ -14,6 +14,7 @@ qmix_np takes either). They also take reset(seed=...), so an episode can be repl
 - TwoStepGame: the coordination game of the QMIX paper (Rashid et al. 2018, section 6.1).
 - MeetingGridworld: agents on a grid must all stand on one goal cell at the same time.
 - CueRecall: each agent must name, at the end, a cue it saw only at the start (needs memory).
+- PettingZooEnv: this interface over any PettingZoo ParallelEnv with discrete actions (MPE, ...).
 """
 from __future__ import annotations
 
