@@ -9,6 +9,9 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -61,7 +64,22 @@ def test_the_mpe_example_says_what_it_needs_or_runs(tmp_path):
         assert result.returncode == 1 and "pip install pettingzoo mpe2" in result.stderr
     else:
         assert result.returncode == 0, result.stderr
-        assert set(json.loads(result.stdout)) == {"random", "QMIX"}
+        report = json.loads(result.stdout)
+        assert set(report) == {"random", "QMIX"} and set(report["QMIX"][0]) == {"return", "paper_units"}
+
+
+def test_the_paper_units_count_each_agents_own_collision():
+    """EPyMARL's fork: every agent gets sum_i (G - c_i), c_i counting agent i itself. Needs mpe2."""
+    pytest.importorskip("mpe2")
+    spec = importlib.util.spec_from_file_location("mpe_spread", HERE / "examples" / "mpe_spread.py")
+    mpe_spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mpe_spread)
+    raw = mpe_spread.make_env().env.unwrapped
+    for entity, position in zip(raw.world.agents + raw.world.landmarks,
+                                [(0, 0), (0.1, 0), (2, 0), (0, 0), (1, 0), (2, 0.5)]):
+        entity.state.p_pos = np.array(position, dtype=float)
+    # G = -(0 + 0.9 + 0.5); agents 0 and 1 overlap (0.1 < 2 x 0.15): c = 2, 2, 1
+    assert abs(mpe_spread.paper_reward(raw.world, raw.scenario) - (3 * -1.4 - 5)) < 1e-12
 
 
 def test_benchmark_runs_and_reports_every_part_as_json():

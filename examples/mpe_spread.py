@@ -9,6 +9,10 @@ budget is ours (--t-max). Each seed is evaluated greedily on fresh episodes duri
 training; random play on the same episodes is the floor. Curves go to --out as CSV (and PNG if
 matplotlib is installed).
 
+Beside the return it trains on, it reports, on the same episodes, the return in the units of
+EPyMARL's benchmark paper (Papoudakis et al., 2021), whose MPE was a gym fork with another
+reward (see paper_reward): compare that column with the paper's tables.
+
 Needs `pip install pettingzoo mpe2` (optional extras, never dependencies of qmix-np).
 
     python examples/mpe_spread.py --t-max 100000 --seeds 3
@@ -61,7 +65,40 @@ def make_env():
     except ImportError:
         sys.exit("examples/mpe_spread.py needs PettingZoo's MPE: pip install pettingzoo mpe2 "
                  "(optional extras; qmix-np itself needs only numpy)")
-    return envs.PettingZooEnv(simple_spread_v3.parallel_env(N=3, max_cycles=25, continuous_actions=False))
+    return Spread(simple_spread_v3.parallel_env(N=3, max_cycles=25, continuous_actions=False))
+
+
+def paper_reward(world, scenario):
+    """One step's reward in the units of EPyMARL's paper, from the agents' positions after the step.
+
+    The paper ran MPE from EPyMARL's gym fork (semitable/multiagent-particle-envs), where simple
+    spread gives agent i the reward G - c_i, G = -(sum over landmarks of the nearest agent's
+    distance) and c_i the number of agents it overlaps, ITSELF INCLUDED (so c_i >= 1); the world
+    is "collaborative", so every agent receives the team's sum, sum_i (G - c_i). The paper shows
+    the return summed over agents divided by their number (uoe-agents/epymarl issue #29): per
+    step, sum_i (G - c_i). mpe2's simple_spread_v3 gives agent i 0.5 G - 0.5 (c_i - 1) instead.
+    """
+    landmark_term = scenario.global_reward(world)  # G
+    return sum(landmark_term - sum(scenario.is_collision(other, agent) for other in world.agents)
+               for agent in world.agents)
+
+
+class Spread(envs.PettingZooEnv):
+    """simple_spread through envs.PettingZooEnv, also adding up paper_reward in paper_total."""
+
+    paper_total = 0.0
+
+    def step(self, actions):
+        result = super().step(actions)
+        self.paper_total += paper_reward(self.env.unwrapped.world, self.env.unwrapped.scenario)
+        return result
+
+
+def greedy_returns(env, learner, episodes):
+    """(mean return, mean return in the paper's units) of greedy play on the evaluation episodes."""
+    env.paper_total = 0.0
+    result = q.evaluate(env, learner, episodes, EVAL_SEED)
+    return result["mean_return"], env.paper_total / episodes
 
 
 def make_config(method, seed, t_max):
@@ -71,9 +108,10 @@ def make_config(method, seed, t_max):
                     target_update_interval=200, epsilon_anneal_time=50000, lr=5e-4, hidden_dim=64)
 
 
-def random_return(env, episodes):
-    """Mean return of uniformly random play on the evaluation episodes."""
+def random_returns(env, episodes):
+    """(mean return, mean return in the paper's units) of uniformly random play on the evaluation episodes."""
     rng, total = np.random.default_rng(0), 0.0
+    env.paper_total = 0.0
     for i in range(episodes):
         env.reset(seed=EVAL_SEED + i)
         done = False
@@ -81,17 +119,18 @@ def random_return(env, episodes):
             avail = env.get_avail_actions()
             reward, done, _ = env.step(q.masked_argmax(rng.random(avail.shape), avail))
             total += reward
-    return total / episodes
+    return total / episodes, env.paper_total / episodes
 
 
 def run(method, seed, args):
-    """Train one seed, evaluating greedily every --curve-every steps: (final return, curve, seconds)."""
+    """Train one seed, evaluating greedily every --curve-every steps: curve [(env steps, return,
+    return in the paper's units)] and seconds."""
     env, curve, start = make_env(), [], time.perf_counter()
     learner = None
     for t_max in [*range(args.curve_every, args.t_max, args.curve_every), args.t_max]:
         learner = q.train(env, make_config(method, seed, t_max), learner=learner)
-        curve.append((learner.t_env, q.evaluate(env, learner, args.eval_episodes, EVAL_SEED)["mean_return"]))
-    return curve[-1][1], curve, time.perf_counter() - start
+        curve.append((learner.t_env, *greedy_returns(env, learner, args.eval_episodes)))
+    return curve, time.perf_counter() - start
 
 
 def write_curves(args, curves):
@@ -99,9 +138,9 @@ def write_curves(args, curves):
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "mpe_spread.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "env_steps", "greedy_return"])
+        writer.writerow(["method", "seed", "env_steps", "greedy_return", "greedy_return_paper_units"])
         for (method, seed), curve in curves.items():
-            writer.writerows([NAMES[method], seed, t, r] for t, r in curve)
+            writer.writerows([NAMES[method], seed, *point] for point in curve)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -111,7 +150,7 @@ def write_curves(args, curves):
         return [out / "mpe_spread.csv"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for (method, seed), curve in curves.items():
-        ax.plot(*zip(*curve), color={"qmix": "C0", "vdn": "C1", "none": "C2"}[method], alpha=0.7,
+        ax.plot([t for t, _, _ in curve], [r for _, r, _ in curve], color={"qmix": "C0", "vdn": "C1", "none": "C2"}[method], alpha=0.7,
                 label=NAMES[method] if seed == 0 else None)
     ax.set(xlabel="env steps", ylabel="greedy return (sum over agents)", title="MPE simple_spread, 3 agents")
     ax.legend()
@@ -121,24 +160,25 @@ def write_curves(args, curves):
 
 def main():
     args = parse_args()
-    floor = random_return(make_env(), args.eval_episodes)
+    floor = random_returns(make_env(), args.eval_episodes)
     results, curves = {}, {}
     for method in args.methods:
         for seed in range(args.seeds):
-            final, curves[method, seed], seconds = run(method, seed, args)
-            results.setdefault(NAMES[method], []).append((final, seconds))
+            curves[method, seed], seconds = run(method, seed, args)
+            results.setdefault(NAMES[method], []).append((*curves[method, seed][-1][1:], seconds))
     if args.json:
-        print(json.dumps({"random": floor, **{m: [r for r, _ in rs] for m, rs in results.items()}}))
+        print(json.dumps({"random": {"return": floor[0], "paper_units": floor[1]},
+                          **{m: [{"return": r, "paper_units": p} for r, p, _ in rs] for m, rs in results.items()}}))
         return
     written = write_curves(args, curves)
-    print(f"MPE simple_spread, 3 agents, 25 steps: {args.t_max:,} env steps per seed, greedy return "
-          f"(sum over agents) on {args.eval_episodes} fresh episodes. Random play: {floor:.2f}")
+    print(f"MPE simple_spread, 3 agents, 25 steps: {args.t_max:,} env steps per seed, greedy return on "
+          f"{args.eval_episodes} fresh episodes: the team's (sum over agents) and [in EPyMARL's paper's units]")
+    print(f"  random   {floor[0]:8.2f}           [{floor[1]:8.2f}]")
     for method, rs in results.items():
-        finals = np.array([r for r, _ in rs])
-        print(f"  {method:<5} {finals.mean():8.2f} +- {finals.std():5.2f}   per seed: "
-              f"{', '.join(f'{r:.2f}' for r in finals)}   ({np.mean([s for _, s in rs]):.0f} s per seed)")
+        finals, paper = np.array([r for r, _, _ in rs]), np.array([p for _, p, _ in rs])
+        print(f"  {method:<5} {finals.mean():8.2f} +- {finals.std():5.2f}  [{paper.mean():8.2f} +- {paper.std():5.2f}]"
+              f"   per seed: {', '.join(f'{r:.2f}' for r in finals)}   ({np.mean([s for _, _, s in rs]):.0f} s per seed)")
     print("wrote " + ", ".join(str(p) for p in written))
-
 
 if __name__ == "__main__":
     main()
