@@ -75,8 +75,8 @@ def paper_reward(world, scenario):
     spread gives agent i the reward G - c_i, G = -(sum over landmarks of the nearest agent's
     distance) and c_i the number of agents it overlaps, ITSELF INCLUDED (so c_i >= 1); the world
     is "collaborative", so every agent receives the team's sum, sum_i (G - c_i). The paper shows
-    the return summed over agents divided by their number (uoe-agents/epymarl issue #29): per
-    step, sum_i (G - c_i). mpe2's simple_spread_v3 gives agent i 0.5 G - 0.5 (c_i - 1) instead.
+    the return summed over agents divided by their number (uoe-agents/epymarl issue #29), which
+    is that team sum: per step, sum_i (G - c_i). mpe2's simple_spread_v3 gives agent i 0.5 G - 0.5 (c_i - 1) instead.
     """
     landmark_term = scenario.global_reward(world)  # G
     return sum(landmark_term - sum(scenario.is_collision(other, agent) for other in world.agents)
@@ -150,7 +150,8 @@ def write_curves(args, curves):
         return [out / "mpe_spread.csv"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for (method, seed), curve in curves.items():
-        ax.plot([t for t, _, _ in curve], [r for _, r, _ in curve], color={"qmix": "C0", "vdn": "C1", "none": "C2"}[method], alpha=0.7,
+        steps, returns, _ = zip(*curve)
+        ax.plot(steps, returns, color={"qmix": "C0", "vdn": "C1", "none": "C2"}[method], alpha=0.7,
                 label=NAMES[method] if seed == 0 else None)
     ax.set(xlabel="env steps", ylabel="greedy return (sum over agents)", title="MPE simple_spread, 3 agents")
     ax.legend()
@@ -179,6 +180,7 @@ def main():
         print(f"  {method:<5} {finals.mean():8.2f} +- {finals.std():5.2f}  [{paper.mean():8.2f} +- {paper.std():5.2f}]"
               f"   per seed: {', '.join(f'{r:.2f}' for r in finals)}   ({np.mean([s for _, _, s in rs]):.0f} s per seed)")
     print("wrote " + ", ".join(str(p) for p in written))
+
 
 if __name__ == "__main__":
     main()
