@@ -111,7 +111,8 @@ def linear_forward(x, weight, bias):
     Shared layer:  x (M, I), W (O, I), b (O,)       -> y (M, O)
     One per group: x (G, M, I), W (G, O, I), b (G, O) -> y (G, M, O)   (G = agents)
     """
-    out = x @ weight.swapaxes(-1, -2) + bias[..., None, :]
+    out = x @ weight.swapaxes(-1, -2)
+    out += bias[..., None, :]  # in place: a second large temporary cost as much as the product (measured)
     return out, (x, weight)
 
 
@@ -171,58 +172,107 @@ def gru_cell_forward(x, h, weight_ih, weight_hh, bias_ih, bias_hh):
 
     x (..., M, In), h (..., M, H); weight_ih (3H, In), weight_hh (3H, H), bias_ih, bias_hh (3H,),
     each with a leading group axis for one cell per agent, as linear_forward -> h' (..., M, H).
+    The cell is two products, x W_ih^T + b_ih and h W_hh^T + b_hh, then the gates.
     """
     input_part, input_cache = linear_forward(x, weight_ih, bias_ih)  # (..., M, 3H)
     hidden_part, hidden_cache = linear_forward(h, weight_hh, bias_hh)  # (..., M, 3H)
-    i_r, i_z, i_n = np.split(input_part, 3, axis=-1)
-    h_r, h_z, h_n = np.split(hidden_part, 3, axis=-1)
-    r = sigmoid(i_r + h_r)
-    z = sigmoid(i_z + h_z)
-    n = np.tanh(i_n + r * h_n)
+    h_new, gates_cache = gru_gates_forward(input_part, hidden_part, h)
+    return h_new, (input_cache, hidden_cache, gates_cache)
+
+
+def gru_gates_forward(input_part, hidden_part, h):
+    """The cell's equations after its two products: input_part = x W_ih^T + b_ih and
+    hidden_part = h W_hh^T + b_hh, both (..., M, 3H) with r, z, n side by side -> h' (..., M, H)."""
+    H = h.shape[-1]
+    r_z = sigmoid(input_part[..., :2 * H] + hidden_part[..., :2 * H])  # r and z: the same formula, side by side
+    r, z = r_z[..., :H], r_z[..., H:]
+    h_n = hidden_part[..., 2 * H:]  # W_hn h + b_hn
+    n = np.tanh(input_part[..., 2 * H:] + r * h_n)
     h_new = (1 - z) * n + z * h
-    return h_new, (input_cache, hidden_cache, h, h_n, r, z, n)
+    return h_new, (h, h_n, r, z, n)
 
 
-def gru_cell_backward(dh_new, cache):
-    """Returns dL/dx, dL/dh and the gradients of weight_ih, weight_hh, bias_ih, bias_hh."""
-    input_cache, hidden_cache, h, h_n, r, z, n = cache
+def gru_gates_backward(dh_new, cache, d_input_part, d_hidden_part):
+    """From dL/dh' to the gradients of the two products' outputs, written into d_input_part and
+    d_hidden_part (..., M, 3H); returns the gradient that reaches h directly, dL/dh' * z."""
+    h, h_n, r, z, n = cache
     dn = dh_new * (1 - z)  # dh'/dn = 1 - z
     dz = dh_new * (h - n)  # dh'/dz = h - n
     dn_pre = dn * (1 - n * n)  # tanh'(a) = 1 - tanh(a)^2
     dr = dn_pre * h_n  # d(i_n + r h_n)/dr = h_n
     dr_pre = dr * r * (1 - r)  # sigmoid'(a) = sigmoid(a) (1 - sigmoid(a))
     dz_pre = dz * z * (1 - z)
-    d_input_part = np.concatenate([dr_pre, dz_pre, dn_pre], axis=-1)  # d(i_r, i_z, i_n): slope 1 each
-    d_hidden_part = np.concatenate([dr_pre, dz_pre, dn_pre * r], axis=-1)  # d(h_r, h_z, h_n): h_n is scaled by r
+    np.concatenate([dr_pre, dz_pre, dn_pre], axis=-1, out=d_input_part)  # d(i_r, i_z, i_n): slope 1 each
+    np.concatenate([dr_pre, dz_pre, dn_pre * r], axis=-1, out=d_hidden_part)  # d(h_r, h_z, h_n): h_n is scaled by r
+    return dh_new * z  # dh'/dh = z
+
+
+def gru_cell_backward(dh_new, cache):
+    """Returns dL/dx, dL/dh and the gradients of weight_ih, weight_hh, bias_ih, bias_hh."""
+    input_cache, hidden_cache, gates_cache = cache
+    d_input_part = np.empty(dh_new.shape[:-1] + (3 * dh_new.shape[-1],), dh_new.dtype)  # (..., M, 3H)
+    d_hidden_part = np.empty_like(d_input_part)
+    dh_direct = gru_gates_backward(dh_new, gates_cache, d_input_part, d_hidden_part)
     dx, input_grads = linear_backward(d_input_part, input_cache)
     dh, hidden_grads = linear_backward(d_hidden_part, hidden_cache)
-    dh = dh + dh_new * z  # plus the direct path: dh'/dh = z
-    return dx, dh, {"weight_ih": input_grads["weight"], "weight_hh": hidden_grads["weight"],
-                    "bias_ih": input_grads["bias"], "bias_hh": hidden_grads["bias"]}
+    return dx, dh + dh_direct, {"weight_ih": input_grads["weight"], "weight_hh": hidden_grads["weight"],
+                                "bias_ih": input_grads["bias"], "bias_hh": hidden_grads["bias"]}
+
+
+def split_steps(rows, steps):
+    """Rows ordered time first -> one block of rows per step, time on axis -3 (a view):
+    (T M, F) -> (T, M, F); with a group axis (G, T M, F) -> (G, T, M, F)."""
+    return rows.reshape(*rows.shape[:-2], steps, -1, rows.shape[-1])
+
+
+def join_steps(per_step):
+    """split_steps' inverse (a view): (..., T, M, F) -> (..., T M, F)."""
+    return per_step.reshape(*per_step.shape[:-3], -1, per_step.shape[-1])
 
 
 def gru_forward(x, h, weights):
-    """The GRU cell unrolled over time: x (T, ..., M, In) time first, h (..., M, H) the state
-    before step 0 -> hs (T, ..., M, H), the state after every step. weights: gru_cell_forward's."""
-    hs, caches = [], []
-    for x_t in x:
-        h, cache = gru_cell_forward(x_t, h, **weights)
-        hs.append(h)
-        caches.append(cache)
-    return np.stack(hs), caches
+    """The GRU cell unrolled over a whole sequence, laid out as cuDNN lays out its GRU.
+
+    x (..., T, M, In): T steps of M rows (time on axis -3, after any group axis); h (..., M, H):
+    the state before step 0; weights: gru_cell_forward's -> hs (..., T, M, H), the state after
+    every step. Only h_{t-1} -> h_t must wait for the step before, so the input products
+    x_t W_ih^T + b_ih of ALL steps are one product before the loop, and the loop does only
+    h_{t-1} W_hh^T + b_hh and the gates: the same arithmetic as stepping the cell.
+    """
+    steps = x.shape[-3]
+    input_parts, input_cache = linear_forward(join_steps(x), weights["weight_ih"], weights["bias_ih"])  # all steps
+    input_parts = split_steps(input_parts, steps)  # (..., T, M, 3H)
+    h0, hs, gates_caches = h, np.empty(input_parts.shape[:-1] + h.shape[-1:], h.dtype), []  # (..., T, M, H)
+    for t in range(steps):
+        hidden_part, _ = linear_forward(h, weights["weight_hh"], weights["bias_hh"])  # (..., M, 3H)
+        h, gates_cache = gru_gates_forward(input_parts[..., t, :, :], hidden_part, h)
+        hs[..., t, :, :] = h
+        gates_caches.append(gates_cache)
+    h_prev = np.concatenate([h0[..., None, :, :], hs[..., :-1, :, :]], axis=-3)  # (..., T, M, H): h_{t-1}
+    return hs, (input_cache, h_prev, weights["weight_hh"], gates_caches)
 
 
-def gru_backward(dhs, caches):
-    """Backpropagation through time. dhs (T, ..., M, H): the loss's gradient with respect to each
+def gru_backward(dhs, cache):
+    """Backpropagation through time. dhs (..., T, M, H): the loss's gradient with respect to each
     step's output through the layers above it. Step t's state also feeds step t + 1, so its total
-    gradient is dhs[t] plus what flows back from t + 1. Returns dL/dx (T, ..., M, In) and the
-    weights' gradients summed over the steps."""
-    dx = [None] * len(caches)
-    dh_next, grads = 0.0, {}
-    for t in reversed(range(len(caches))):
-        dx[t], dh_next, step_grads = gru_cell_backward(dhs[t] + dh_next, caches[t])
-        grads = {k: grads.get(k, 0.0) + g for k, g in step_grads.items()}
-    return np.stack(dx), grads
+    gradient is dhs[t] plus what flows back from t + 1: that sum is the only thing the loop carries,
+    dL/dh_{t-1} = d(hidden_part_t) W_hh + dL/dh_t * z_t. Each step's gradients of the two products'
+    outputs are kept, and every weight's gradient and dL/dx are then one product over all steps
+    (a sum over steps of per-step products is one product over the steps stacked as rows).
+    Returns dL/dx (..., T, M, In) and the weights' gradients."""
+    input_cache, h_prev, weight_hh, gates_caches = cache
+    steps = dhs.shape[-3]
+    d_input_parts = np.empty(dhs.shape[:-1] + (3 * dhs.shape[-1],), dhs.dtype)  # (..., T, M, 3H): d(x_t W_ih^T + b_ih)
+    d_hidden_parts = np.empty_like(d_input_parts)  # d(h_{t-1} W_hh^T + b_hh)
+    dh_next = 0.0
+    for t in reversed(range(steps)):
+        dh_direct = gru_gates_backward(dhs[..., t, :, :] + dh_next, gates_caches[t],
+                                       d_input_parts[..., t, :, :], d_hidden_parts[..., t, :, :])
+        dh_next = d_hidden_parts[..., t, :, :] @ weight_hh + dh_direct
+    dx, input_grads = linear_backward(join_steps(d_input_parts), input_cache)
+    _, hidden_grads = linear_backward(join_steps(d_hidden_parts), (join_steps(h_prev), weight_hh), input_grad=False)
+    return split_steps(dx, steps), {"weight_ih": input_grads["weight"], "weight_hh": hidden_grads["weight"],
+                                    "bias_ih": input_grads["bias"], "bias_hh": hidden_grads["bias"]}
 
 
 def mlp_forward(params, layers, x):
@@ -333,28 +383,14 @@ def from_rows(rows, shared, steps, batch):
     return rows.reshape(steps, batch, -1, rows.shape[-1])
 
 
-def split_steps(rows, shared, steps):
-    """Rows -> one slice per time step: shared (T, B N, F); per agent (T, N, B, F)."""
-    if shared:
-        return rows.reshape(steps, -1, rows.shape[-1])
-    return rows.reshape(rows.shape[0], steps, -1, rows.shape[-1]).swapaxes(0, 1)
-
-
-def join_steps(per_step, shared):
-    """split_steps' inverse."""
-    if shared:
-        return per_step.reshape(-1, per_step.shape[-1])
-    steps, n_agents, batch, features = per_step.shape
-    return per_step.swapaxes(0, 1).reshape(n_agents, steps * batch, features)
-
-
 def agent_forward(params, inputs, hidden=None):
     """Q-values of every agent at every step of B episodes, as pymarl's BasicMAC runs its agent
     over t = 0, 1, ...: inputs (B, T, N, I) -> q (B, T, N, A), and the hidden state after the
     last step (B, N, H) (None for the feed-forward agent).
 
-    fc1 and fc2 see all steps at once. With a GRU (params has rnn.weight_ih) the middle runs step
-    by step from `hidden` (None: zeros, the start of an episode); without, rnn is a Linear + ReLU.
+    fc1 and fc2 see all steps at once. With a GRU (params has rnn.weight_ih) the middle is
+    gru_forward from `hidden` (None: zeros, the start of an episode), where only the recurrence
+    runs step by step; without, rnn is a Linear + ReLU.
     """
     batch, steps, n_agents, _ = inputs.shape
     shared, use_rnn = params["fc1.weight"].ndim == 2, "rnn.weight_ih" in params
@@ -364,9 +400,9 @@ def agent_forward(params, inputs, hidden=None):
     if use_rnn:
         h0 = np.zeros((batch, n_agents, x.shape[-1]), x.dtype) if hidden is None else hidden
         gru = {k: params[f"rnn.{k}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-        hs, rnn_cache = gru_forward(split_steps(x, shared, steps), to_rows(h0[None], shared), gru)
-        h = join_steps(hs, shared)
-        hidden = from_rows(hs[-1], shared, 1, batch)[0]  # (B, N, H)
+        hs, rnn_cache = gru_forward(split_steps(x, steps), to_rows(h0[None], shared), gru)  # (..., T, M, H)
+        h = join_steps(hs)
+        hidden = from_rows(hs[..., -1, :, :], shared, 1, batch)[0]  # (B, N, H)
     else:
         h, linear_cache = linear_forward(x, params["rnn.weight"], params["rnn.bias"])
         h, relu2_cache = relu_forward(h)
@@ -383,8 +419,8 @@ def agent_backward(dq, cache):
     dq = to_rows(dq.swapaxes(0, 1), shared)
     dh, fc2_grads = linear_backward(dq, fc2_cache)
     if use_rnn:
-        dx, rnn_grads = gru_backward(split_steps(dh, shared, steps), rnn_cache)
-        dx = join_steps(dx, shared)
+        dx, rnn_grads = gru_backward(split_steps(dh, steps), rnn_cache)
+        dx = join_steps(dx)
     else:
         linear_cache, relu2_cache = rnn_cache
         dh, _ = relu_backward(dh, relu2_cache)

@@ -128,19 +128,51 @@ def test_gru_cell_gradients(grouped):
     check_gradients(f, {"x": x, "h": h, **params}, {"x": dx, "h": dh, **grads}, f"gru_cell[{grouped}]")
 
 
-def test_gru_unroll_gradients_through_time():
-    """Six steps, a random upstream gradient at EVERY step: backpropagation through time."""
+@pytest.mark.parametrize("grouped", [False, True], ids=["shared", "grouped"])
+def test_gru_unroll_gradients_through_time(grouped):
+    """Six steps, a random upstream gradient at EVERY step: backpropagation through time, with the
+    input products of all steps as one product and the weights' gradients summed after the loop."""
     rng = np.random.default_rng(12)
-    x, h0 = rng.normal(size=(6, 4, 5)), rng.normal(size=(4, 3))
-    params = q.init_gru_cell(rng, "rnn", 5, 3)
+    lead = (3,) if grouped else ()
+    x, h0 = rng.normal(size=lead + (6, 4, 5)), rng.normal(size=lead + (4, 3))
+    params = q.init_gru_cell(rng, "rnn", 5, 3, 3 if grouped else None)
     weights = {k.split(".")[1]: v for k, v in params.items()}
-    upstream = rng.normal(size=(6, 4, 3))
+    upstream = rng.normal(size=lead + (6, 4, 3))
 
     def f():
         return np.sum(q.gru_forward(x, h0, weights)[0] * upstream)
 
     dx, grads = q.gru_backward(upstream, q.gru_forward(x, h0, weights)[1])
-    check_gradients(f, {"x": x, **weights}, {"x": dx, **grads}, "gru_unroll")
+    check_gradients(f, {"x": x, **weights}, {"x": dx, **grads}, f"gru_unroll[{grouped}]")
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["shared", "grouped"])
+def test_gru_sequence_equals_stepping_the_cell(grouped):
+    """gru_forward / gru_backward compute what stepping gru_cell_forward / gru_cell_backward through
+    time computes, on a batch of episodes of lengths 1, 4 and 7 padded to 7 steps (the loss's
+    gradient is zero after each episode's end, as the masked TD loss makes it)."""
+    rng = np.random.default_rng(14)
+    lead, lengths, steps = (2,) if grouped else (), np.array([1, 4, 7]), 7
+    x, h0 = rng.normal(size=lead + (steps, 3, 5)), rng.normal(size=lead + (3, 4))
+    weights = {k.split(".")[1]: v for k, v in q.init_gru_cell(rng, "rnn", 5, 4, 2 if grouped else None).items()}
+    upstream = rng.normal(size=lead + (steps, 3, 4)) * (np.arange(steps)[:, None] < lengths)[..., None]
+
+    hs, cache = q.gru_forward(x, h0, weights)
+    dx, grads = q.gru_backward(upstream, cache)
+
+    h, cell_caches = h0, []
+    for t in range(steps):
+        h, cell_cache = q.gru_cell_forward(x[..., t, :, :], h, **weights)
+        np.testing.assert_allclose(hs[..., t, :, :], h, rtol=1e-13, atol=1e-15)
+        cell_caches.append(cell_cache)
+    dh, cell_grads = 0.0, {k: 0.0 for k in weights}
+    for t in reversed(range(steps)):
+        dx_t, dh, step_grads = q.gru_cell_backward(upstream[..., t, :, :] + dh, cell_caches[t])
+        np.testing.assert_allclose(dx[..., t, :, :], dx_t, rtol=1e-12, atol=1e-14)
+        cell_grads = {k: cell_grads[k] + step_grads[k] for k in weights}
+    for k in weights:
+        np.testing.assert_allclose(grads[k], cell_grads[k], rtol=1e-12, atol=1e-14, err_msg=k)
+    np.testing.assert_array_equal(dx[..., 1:, 0, :], 0)  # nothing reaches an input after its episode's end
 
 
 def test_gru_cell_matches_its_equations_written_with_loops():

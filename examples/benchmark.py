@@ -129,6 +129,34 @@ def torch_train_step(learner, threads):
     return step, torch.__version__
 
 
+def matmul_flops(size, use_rnn, config):
+    """Floating-point operations in the matrix products of one train step at full length: online
+    and target agents over R = B (T + 1) N rows and mixers over B T rows, forward, then backward
+    (for each Linear: dL/dW, and dL/dx where the input is not data; for the GRU also the product
+    that carries dL/dh back one step). 2 m k n per (m, k) @ (k, n)."""
+    n, o, a, s, b, t = size
+    h, e, he = config.hidden_dim, config.mixing_embed_dim, config.hypernet_embed
+    i = o + a * config.obs_last_action + n * config.obs_agent_id
+    rows, mixer_rows = b * (t + 1) * n, b * t
+    middle = 2 * (3 * h * h) if use_rnn else h * h  # GRU: x W_ih^T and h W_hh^T, 3H wide; else one Linear
+    agent_forward = 2 * rows * (i * h + middle + h * a)
+    agent_backward = 2 * rows * (i * h + 2 * middle + 2 * h * a) + (2 * rows * 3 * h * h if use_rnn else 0)
+    first = s * he + s * he + s * e + s * e  # the layers that read the state: no dL/d(state)
+    second = he * e * n + he * e + e * 1  # hyper_w_1.2, hyper_w_final.2, V.2
+    mixing = n * e  # q (1, N) @ |W1| (N, E) per row
+    mixer_forward = 2 * mixer_rows * (first + second + mixing)
+    mixer_backward = 2 * mixer_rows * (first + 2 * second + mixing)
+    return 2 * agent_forward + agent_backward + 2 * mixer_forward + mixer_backward
+
+
+def blas_rate(m, k, n, dtype, reps):
+    """GFLOP/s of NumPy's (m, k) @ (k, n) product alone: the rate the step's products could reach."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(m, k)).astype(dtype), rng.normal(size=(k, n)).astype(dtype)
+    median_us = timings(lambda: x @ w, reps * 20, reps)["median_us"]
+    return 2 * m * k * n / median_us / 1e3
+
+
 def greedy_selection(dtype):
     env = envs.MeetingGridworld()
     learner = q.Learner(q.Config(dtype=dtype), env.get_env_info())
@@ -172,6 +200,13 @@ def main():
         learner = filled_learner(size, ARGS.dtype, AGENTS[agent])
         row = {"size": dict(zip(["N", "O", "A", "S", "B", "T"], size)), "agent": agent,
                **timings(learner.train_step, ARGS.reps, ARGS.warmup)}
+        n, _, _, _, b, t = size
+        h = learner.config.hidden_dim  # the dominant product: the GRU's h W_hh^T per step, or rnn over all rows
+        shape = (b * n, h, 3 * h) if AGENTS[agent] else (b * (t + 1) * n, h, h)
+        row["mflop"] = round(matmul_flops(size, AGENTS[agent], learner.config) / 1e6, 1)
+        row["blas_shape"], row["blas_gflops"] = shape, round(blas_rate(*shape, ARGS.dtype, ARGS.warmup), 1)
+        row["matmul_floor_ms"] = round(row["mflop"] / row["blas_gflops"], 2)
+        row["step_over_floor"] = round(row["median_us"] / 1e3 / row["matmul_floor_ms"], 2)
         if ARGS.torch:
             try:
                 step, result["torch_version"] = torch_train_step(learner, ARGS.threads)
@@ -200,6 +235,12 @@ def print_table(r):
         if torch_column:
             line += f"{fmt(row['torch']):>30}{row['ratio_numpy_over_torch']:>8.2f}"
         print(line)
+    print(f"\n{'matrix products of one step':<40}{'MFLOP':>8}{'BLAS rate on (m, k, n)':>34}{'floor':>10}{'step/floor':>12}")
+    for row in r["train_step"]:
+        print(f"{str(tuple(row['size'].values())) + ', ' + row['agent'].upper():<40}{row['mflop']:>8,.0f}"
+              f"{row['blas_gflops']:>14.0f} GFLOP/s on {str(tuple(row['blas_shape'])):<16}"
+              f"{row['matmul_floor_ms']:>7.2f} ms{row['step_over_floor']:>12.1f}")
+    print()
     print(f"{'greedy actions, 2 agents, GRU':<40}{fmt(r['greedy_actions_2_agents']):>26}")
     for agent, t in r["training"].items():
         print(f"{'training env steps/s, ' + agent.upper():<40}{t['env_steps_per_s']:>26,}   (Meeting Gridworld 5x5 "
