@@ -91,7 +91,8 @@ class Config:
     epsilon_finish: float = 0.05  # epsilon after epsilon_anneal_time env steps
     epsilon_anneal_time: int = 50000  # ENV STEPS of linear annealing
     # --- the run
-    t_max: int = 50000  # env steps of training (whole episodes: the last one may run past it)
+    batch_size_run: int = 1  # K: environments played in lockstep, one train step per K episodes (pymarl)
+    t_max: int = 50000  # env steps of training (whole collections: the last one may run past it)
     seed: int = 0  # seeds the one Generator behind everything random
     dtype: str = "float32"  # training dtype, "float32" (as PyTorch) or "float64" (gradient checks)
     on_nonfinite: str = "raise"  # a NaN/inf loss or gradient norm: "raise" FloatingPointError, or "skip" the step
@@ -945,22 +946,26 @@ class Learner:
         decentralised. epsilon 0 draws nothing from the Generator.
         """
         obs, avail, last_actions = check_select_actions(self, obs, avail_actions, last_actions, epsilon)
-        return self._select_actions(obs, avail, last_actions, epsilon)
+        actions, self.hidden = self.act(obs[None], avail[None], None if last_actions is None else last_actions[None],
+                                        epsilon, self.hidden)
+        return actions[0]
 
-    def _select_actions(self, obs, avail, last_actions, epsilon):
-        """select_actions on inputs already checked."""
+    def act(self, obs, avail, last_actions, epsilon, hidden):
+        """select_actions for K environments at once, on inputs already checked: ONE agent forward
+        for all K x N agents. obs (K, N, O), avail (K, N, A), last_actions (K, N) or None (the first
+        step), hidden (K, N, H) or None (zeros) -> actions (K, N) and the next hidden state."""
         if last_actions is None:
-            last = np.zeros((self.n_agents, self.n_actions), self.dtype)
+            last = np.zeros(avail.shape, self.dtype)  # (K, N, A)
         else:
             last = one_hot(last_actions, self.n_actions, self.dtype)
-        inputs = build_agent_inputs(obs, last, self.config)[None, None]  # (1, 1, N, I): one step of one episode
-        q, self.hidden, _ = agent_forward(self.params["agent"], inputs, self.hidden)
-        greedy = masked_argmax(q[0, 0], avail)  # (N,)
+        inputs = build_agent_inputs(obs, last, self.config)[:, None]  # (K, 1, N, I): one step of K episodes
+        q, hidden, _ = agent_forward(self.params["agent"], inputs, hidden)
+        greedy = masked_argmax(q[:, 0], avail)  # (K, N)
         if epsilon == 0:
-            return greedy
-        explore = self.rng.random(self.n_agents) < epsilon  # (N,): these agents act at random
-        random_actions = masked_argmax(self.rng.random((self.n_agents, self.n_actions)), avail)
-        return np.where(explore, random_actions, greedy)
+            return greedy, hidden
+        explore = self.rng.random(greedy.shape) < epsilon  # (K, N): these agents act at random
+        random_actions = masked_argmax(self.rng.random(avail.shape), avail)
+        return np.where(explore, random_actions, greedy), hidden
 
     def train_step(self):
         """One gradient step on a batch of episodes (pymarl's QLearner.train). Returns its diagnostics.
@@ -1026,47 +1031,69 @@ def _reset(env, seed):
         env.reset()
 
 
-def run_episode(env, learner, learn=False):
-    """Play one episode from a freshly reset env, as pymarl's EpisodeRunner.run.
+def run_episodes(envs, learner, learn=False):
+    """One episode in each of K freshly reset envs, played in lockstep as pymarl's
+    ParallelRunner.run plays them (with K = 1, its EpisodeRunner.run): at every step ONE agent
+    forward acts for every env still running; an env whose episode has ended waits for the rest.
 
     learn=False: greedy, nothing stored, nothing drawn from the learner's Generator.
-    learn=True: epsilon-greedy at the epsilon of the episode's start; the episode is stored,
-    then one train step is taken once the buffer holds batch_size episodes. A time limit
-    (info["episode_limit"]) is not terminal: it is stored with terminated 0 so that the target
-    bootstraps. Returns (return, length, success); success = ended before the time limit.
+    learn=True: epsilon-greedy at the epsilon of the collection's start, then learn_from().
+    A time limit (info["episode_limit"]) is not terminal: it is stored with terminated 0 so that
+    the target bootstraps. Returns (return, length, success) per env; success = ended before the
+    time limit.
     """
     limit = learner.env_info["episode_limit"]
     epsilon = learner.epsilon() if learn else 0.0
-    obs, state, avail = check_observation(env, learner)  # see "Input validation"
-    learner.init_hidden()
-    episode = {"obs": [obs], "state": [state], "avail_actions": [avail], "actions": [], "reward": [],
-               "terminated": []}
-    episode_return, terminated, info, actions = 0.0, False, {}, None
-    while not terminated:
-        if len(episode["actions"]) == limit:
+    episodes = []
+    for env in envs:
+        obs, state, avail = check_observation(env, learner)  # see "Input validation"
+        episodes.append({"obs": [obs], "state": [state], "avail_actions": [avail], "actions": [], "reward": [],
+                         "terminated": []})
+    returns, ended, timed_out = [0.0] * len(envs), [False] * len(envs), [False] * len(envs)
+    hidden = np.zeros((len(envs), learner.n_agents, learner.config.hidden_dim), learner.dtype)  # (K, N, H): GRU states
+    last_actions = np.zeros((len(envs), learner.n_agents), np.int64)  # (K, N)
+    running, step = list(range(len(envs))), 0  # the envs whose episode goes on; they are all at this step
+    while running:
+        if step == limit:
             raise ValueError(f"the env ran past its episode_limit ({limit} steps, from get_env_info()) "
                              "without terminating: step() must return terminated True at the limit, "
                              "with info['episode_limit'] True")
-        actions = learner._select_actions(obs, avail, actions, epsilon)
-        reward, terminated, info = check_step(env.step(actions), len(episode["actions"]) + 1, limit, learner.dtype)
-        obs, state, avail = check_observation(env, learner)
-        episode_return += reward
-        timed_out = info.get("episode_limit", False)
-        for name, value in (("actions", actions), ("reward", reward), ("terminated", terminated and not timed_out),
-                            ("obs", obs), ("state", state), ("avail_actions", avail)):
-            episode[name].append(value)
-    length = len(episode["actions"])
-    success = not info.get("episode_limit", False)
+        obs = np.stack([episodes[k]["obs"][-1] for k in running])  # (K', N, O): the envs still running
+        avail = np.stack([episodes[k]["avail_actions"][-1] for k in running])  # (K', N, A)
+        actions, next_hidden = learner.act(obs, avail, last_actions[running] if step else None, epsilon,
+                                           hidden[running])
+        if next_hidden is not None:  # the GRU's state (the feed-forward agent has none)
+            hidden[running] = next_hidden
+        step += 1
+        for k, env_actions in zip(running, actions):
+            reward, terminated, info = check_step(envs[k].step(env_actions), step, limit, learner.dtype)
+            obs, state, avail = check_observation(envs[k], learner)
+            returns[k], ended[k], timed_out[k] = returns[k] + reward, terminated, info.get("episode_limit", False)
+            for name, value in (("actions", env_actions), ("reward", reward), ("obs", obs), ("state", state),
+                                ("terminated", terminated and not timed_out[k]), ("avail_actions", avail)):
+                episodes[k][name].append(value)
+            last_actions[k] = env_actions
+        running = [k for k in running if not ended[k]]
+    results = [(returns[k], len(episode["actions"]), not timed_out[k]) for k, episode in enumerate(episodes)]
     if learn:
+        learn_from(learner, episodes, results)
+    return results
+
+
+def learn_from(learner, episodes, results):
+    """What pymarl's run loop does after each collection: store the K episodes (in env order),
+    add their steps to t_env, take ONE train step once the buffer holds batch_size episodes, add
+    K to the episode count (which target updates read), and log each episode in learner.history."""
+    for episode in episodes:
         learner.buffer.insert({name: np.array(values) for name, values in episode.items()})
-        learner.t_env += length
-        if len(learner.buffer) >= learner.config.batch_size:
-            learner.last_diagnostics = learner.train_step()
-        learner.episode += 1
-        loss = learner.last_diagnostics["loss"] if learner.last_diagnostics else float("nan")
-        for key, value in zip(HISTORY_KEYS, (learner.t_env, episode_return, length, success, loss)):
+    learner.t_env += sum(length for _, length, _ in results)
+    if len(learner.buffer) >= learner.config.batch_size:
+        learner.last_diagnostics = learner.train_step()
+    learner.episode += len(episodes)
+    loss = learner.last_diagnostics["loss"] if learner.last_diagnostics else float("nan")
+    for result in results:
+        for key, value in zip(HISTORY_KEYS, (learner.t_env, *result, loss)):
             learner.history[key].append(value)
-    return episode_return, length, success
 
 
 class Progress:
@@ -1091,19 +1118,21 @@ class Progress:
               file=self.stream, flush=True)
 
 
-def train(env, config, learner=None, callback=None, progress=False):
-    """Train until config.t_max env steps (whole episodes); returns the Learner.
+def train(envs, config, learner=None, callback=None, progress=False):
+    """Train until config.t_max env steps (whole collections); returns the Learner.
 
-    learner: continue this one (its config may differ from `config` only in t_max).
-    callback(learner, episode_return, length, success) runs after every episode; progress=True
-    prints a progress line every 5 s (a number: every that many seconds). learner.history holds,
-    per training episode: t_env, return, length, success and the latest loss.
-    Each episode's reset seed is drawn from the learner's Generator when env.reset takes one.
+    envs: the config.batch_size_run environments played in lockstep, as a list (one env may be
+    passed alone when batch_size_run is 1). Before every collection each env is reset with its
+    own seed, drawn from the learner's Generator (when env.reset takes one): a run is
+    reproducible for a given batch_size_run. learner: continue this one (its config may differ
+    from `config` only in t_max). callback(learner, episode_return, length, success) runs after
+    every episode; progress=True prints a progress line every 5 s (a number: every that many
+    seconds). learner.history holds, per training episode: t_env (after its collection), return,
+    length, success and the latest loss.
     """
-    check_env(env)
-    check_train_arguments(callback, progress)
+    envs = check_train_arguments(envs, config, callback, progress)
     if learner is None:
-        learner = Learner(config, env.get_env_info())
+        learner = Learner(config, envs[0].get_env_info())
     elif dataclasses.replace(learner.config, t_max=config.t_max) != config:
         raise ValueError("config must equal learner.config except for t_max")
     learner.config = config
@@ -1111,10 +1140,11 @@ def train(env, config, learner=None, callback=None, progress=False):
     if progress:
         callbacks.append(Progress(learner, 5.0 if progress is True else progress))
     while learner.t_env < config.t_max:
-        _reset(env, int(learner.rng.integers(2**31)))
-        result = run_episode(env, learner, learn=True)
-        for f in callbacks:
-            f(learner, *result)
+        for env in envs:
+            _reset(env, int(learner.rng.integers(2**31)))
+        for result in run_episodes(envs, learner, learn=True):
+            for f in callbacks:
+                f(learner, *result)
     return learner
 
 
@@ -1131,7 +1161,7 @@ def evaluate(env, learner, n_episodes, seed):
     for i in range(n_episodes):
         _reset(env, seed + i)
         optimal = env.optimal_length() if hasattr(env, "optimal_length") else None
-        episode_return, length, success = run_episode(env, learner)
+        [(episode_return, length, success)] = run_episodes([env], learner)
         returns.append(episode_return)
         lengths.append(length)
         successes.append(success)
@@ -1196,6 +1226,7 @@ _CONFIG_RULES = (  # (field, test, what it must be)
     ("epsilon_start", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
     ("epsilon_finish", lambda v: _is_real(v, 0.0, 1.0), "a number in [0, 1]"),
     ("epsilon_anneal_time", lambda v: _is_int(v, 1), "an int >= 1 (env steps)"),
+    ("batch_size_run", lambda v: _is_int(v, 1), "an int >= 1 (environments)"),
     ("t_max", lambda v: _is_int(v, 0), "an int >= 0 (env steps)"),
     ("seed", lambda v: _is_int(v, 0), "an int >= 0"),
     ("dtype", lambda v: v in ("float64", "float32"), "'float64' or 'float32'"),
@@ -1328,13 +1359,30 @@ def check_env(env):
                         f"{', '.join(ENV_METHODS)} (see envs.MultiAgentEnv).{hint}")
 
 
-def check_train_arguments(callback, progress):
-    """train()'s callback (None or callable) and progress (a bool, or seconds > 0)."""
+def check_train_arguments(envs, config, callback, progress):
+    """train()'s envs (config.batch_size_run distinct envs with one env_info: a list, or one env
+    alone when that is 1), config, callback (None or callable) and progress (a bool, or seconds
+    > 0). Returns the envs as a list."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a Config, got {type(config).__name__}")
+    envs = list(envs) if isinstance(envs, (list, tuple)) else [envs]
+    if len(envs) != config.batch_size_run:
+        raise ValueError(f"train needs a list of config.batch_size_run = {config.batch_size_run} environments "
+                         f"to play in lockstep, got {len(envs)}")
+    if len({id(env) for env in envs}) != len(envs):
+        raise ValueError("the environments passed to train must be distinct objects: each plays its own episode")
+    for env in envs:
+        check_env(env)
+    infos = [check_env_info(env.get_env_info()) for env in envs]
+    if any(info != infos[0] for info in infos):
+        raise ValueError(f"the environments passed to train must describe one task; their get_env_info() "
+                         f"differ: {infos[0]} and {next(info for info in infos if info != infos[0])}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be None or callable as callback(learner, episode_return, "
                         f"length, success), got {callback!r}")
     if not (isinstance(progress, bool) or _is_real(progress, 0.0, math.inf) and progress > 0):
         raise ValueError(f"progress must be True, False or a number of seconds > 0, got {progress!r}")
+    return envs
 
 
 def check_evaluate_arguments(n_episodes, seed):
@@ -1405,7 +1453,7 @@ def check_episode(episode, buffer):
 # --- Checkpoint format: named arrays in one .npz, no pickles, a SHA-256 digest over all of them
 
 CHECKPOINT_FORMAT = "qmix-np checkpoint"
-CHECKPOINT_VERSION = 3  # 3: use_rnn (the GRU agent); 2 (no use_rnn) and 1 (transition replay) are refused
+CHECKPOINT_VERSION = 4  # 4: Config.batch_size_run; 3 (before it), 2 (no use_rnn), 1 (transitions) are refused
 
 
 def _digest(arrays):
@@ -1660,7 +1708,8 @@ def _check_version(path, declared, archive):
     version = int(_read_entry(archive, "version"))
     if version != CHECKPOINT_VERSION:
         older = {1: " (version 1 held single transitions, before the episode learner)",
-                 2: " (version 2 came before the GRU agent and Config.use_rnn)"}.get(version, "")
+                 2: " (version 2 came before the GRU agent and Config.use_rnn)",
+                 3: " (version 3 came before Config.batch_size_run)"}.get(version, "")
         raise ValueError(f"{path}: checkpoint format version {version}{older}; this code reads "
                          f"version {CHECKPOINT_VERSION} only")
 

@@ -1,5 +1,6 @@
 """Checkpoints, bad input and numerical failure: what is refused, and that nothing stored changes."""
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -18,29 +19,36 @@ from test_qmix_np import episode_batch, random_episode, small_learner
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def resume_config(t_max):
+def resume_config(t_max, batch_size_run=1):
     return q.Config(t_max=t_max, hidden_dim=16, mixing_embed_dim=8, hypernet_embed=8, batch_size=8,
-                    buffer_size=30, target_update_interval=3, epsilon_anneal_time=500, seed=5)
+                    buffer_size=30, target_update_interval=3, epsilon_anneal_time=500, seed=5,
+                    batch_size_run=batch_size_run)
 
 
-def test_resume_in_a_new_process_is_bit_identical(tmp_path):
-    """Train N steps, save with the buffer, load in a NEW process, train to N + M: the same
-    parameters, optimiser state, counters and buffer as N + M steps without stopping."""
-    straight = q.train(envs.MeetingGridworld(grid_size=4, max_steps=20), resume_config(900))
-    first = q.train(envs.MeetingGridworld(grid_size=4, max_steps=20), resume_config(400))
+def resume_envs(k):
+    return [envs.MeetingGridworld(grid_size=4, max_steps=20) for _ in range(k)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_resume_in_a_new_process_is_bit_identical(tmp_path, k):
+    """Train N steps with k envs in lockstep, save with the buffer, load in a NEW process, train
+    to N + M: the same parameters, optimiser state, counters and buffer as N + M steps without
+    stopping (a run stops and resumes at a collection's end)."""
+    straight = q.train(resume_envs(k), resume_config(900, k))
+    first = q.train(resume_envs(k), resume_config(400, k))
     first.save(tmp_path / "half.npz")
     script = f"""
 import sys; sys.path.insert(0, {str(HERE)!r})
-import envs, qmix_np as q
-from test_checkpoints import resume_config
-env = envs.MeetingGridworld(grid_size=4, max_steps=20)
-learner = q.Learner.load({str(tmp_path / 'half.npz')!r}, env_info=env.get_env_info(), config=resume_config(900))
-q.train(env, resume_config(900), learner=learner).save({str(tmp_path / 'resumed.npz')!r})
+import qmix_np as q
+from test_checkpoints import resume_config, resume_envs
+config = resume_config(900, {k})
+learner = q.Learner.load({str(tmp_path / 'half.npz')!r}, env_info=resume_envs(1)[0].get_env_info(), config=config)
+q.train(resume_envs({k}), config, learner=learner).save({str(tmp_path / 'resumed.npz')!r})
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=HERE)
     resumed = q.Learner.load(tmp_path / "resumed.npz")
     assert resumed.t_env == straight.t_env and resumed.t_env >= 900 > first.t_env
-    assert straight.train_steps > 20
+    assert straight.train_steps > 10
     for key, value in q.state_arrays(straight).items():
         if key != "config":  # t_max is the only difference
             np.testing.assert_array_equal(q.state_arrays(resumed)[key], value, err_msg=key)
@@ -150,9 +158,10 @@ CRAFTED = [  # (id, change to the saved arrays, re-sign?, what the refusal must 
     ("an extra entry", lambda a: {**a, "extra": np.zeros(3)}, True, "unexpected entry 'extra.npy'"),
     ("version 1", lambda a: {**a, "version": np.array(1)}, True, "version 1 \\(version 1 held single transitions"),
     ("version 2", lambda a: {**a, "version": np.array(2)}, True, "version 2 \\(version 2 came before the GRU agent"),
-    ("version 4", lambda a: {**a, "version": np.array(4)}, True, "version 4; this code reads version 3"),
-    ("version as text", lambda a: {**a, "version": np.array("3")}, True, "entry 'version' must be an integer"),
-    ("version as float", lambda a: {**a, "version": np.array(3.0)}, True, "entry 'version' must be an integer"),
+    ("version 3", lambda a: {**a, "version": np.array(3)}, True, "version 3 \\(version 3 came before Config.batch_size_run"),
+    ("version 5", lambda a: {**a, "version": np.array(5)}, True, "version 5; this code reads version 4"),
+    ("version as text", lambda a: {**a, "version": np.array("4")}, True, "entry 'version' must be an integer"),
+    ("version as float", lambda a: {**a, "version": np.array(4.0)}, True, "entry 'version' must be an integer"),
     ("no format", lambda a: {k: v for k, v in a.items() if k != "format"}, True, "lacks \\['format'\\]"),
     ("another format", lambda a: {**a, "format": np.array("npz")}, True, "not a qmix-np checkpoint"),
     ("digest not text", lambda a: {**a, "sha256": np.array(7)}, False, "entry 'sha256' must be one string"),
@@ -523,6 +532,10 @@ def bad_input_cases():
         ("train: progress text", lambda l, e, g: q.train(e, l.config, learner=l, progress="yes"), ValueError, "progress must be True, False or a number of seconds > 0"),
         ("train: negative progress", lambda l, e, g: q.train(e, l.config, learner=l, progress=-1), ValueError, "progress must be"),
         ("train: callback not callable", lambda l, e, g: q.train(e, l.config, learner=l, callback=5), TypeError, "callback must be None or callable"),
+        ("train: fewer envs than batch_size_run", lambda l, e, g: q.train([e], dataclasses.replace(l.config, batch_size_run=2), learner=l), ValueError, "a list of config.batch_size_run = 2 environments"),
+        ("train: one env twice", lambda l, e, g: q.train([e, e], dataclasses.replace(l.config, batch_size_run=2), learner=l), ValueError, "must be distinct objects"),
+        ("train: envs of two tasks", lambda l, e, g: q.train([e, envs.MeetingGridworld(max_steps=10)], dataclasses.replace(l.config, batch_size_run=2), learner=l), ValueError, "must describe one task"),
+        ("config: batch_size_run 0", lambda l, e, g: q.Config(batch_size_run=0), ValueError, "Config.batch_size_run must be an int >= 1"),
         ("mixer: unknown name", lambda l, e, g: q.get_mixer("sum"), ValueError, "mixer must be one of"),
         ("save: a folder that does not exist", lambda l, e, g: l.save(HERE / "no-such-folder" / "run.npz"), ValueError, "no-such-folder"),
         ("save: a path that is not one", lambda l, e, g: l.save(7), TypeError, "path must be a str or os.PathLike, got int"),

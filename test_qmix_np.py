@@ -10,6 +10,7 @@ test_checkpoints.py (checkpoints and bad input), test_pymarl_parity.py (against 
 restatement of pymarl's learner; skipped without torch), test_examples.py (the scripts).
 """
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -536,21 +537,21 @@ def test_acting_feeds_each_agent_its_own_previous_action():
     env = envs.MeetingGridworld(grid_size=4, n_agents=3, max_steps=6, seed=1)
     learner = q.Learner(q.Config(dtype="float64", batch_size=1, buffer_size=2, hidden_dim=8), env.get_env_info())
     seen = []
-    real = learner._select_actions
+    real = learner.act
 
-    def spy(obs, avail, last_actions, epsilon):
-        last = np.zeros((3, 5)) if last_actions is None else np.eye(5)[last_actions]
-        seen.append(q.build_agent_inputs(obs, last, learner.config))
-        return real(obs, avail, last_actions, epsilon)
+    def spy(obs, avail, last_actions, epsilon, hidden):
+        last = np.zeros((1, 3, 5)) if last_actions is None else np.eye(5)[last_actions]
+        seen.append(q.build_agent_inputs(obs, last, learner.config)[0])
+        return real(obs, avail, last_actions, epsilon, hidden)
 
-    learner._select_actions = spy
+    learner.act = spy
     env.reset(seed=3)
-    _, length, _ = q.run_episode(env, learner, learn=False)
+    [(_, length, _)] = q.run_episodes([env], learner, learn=False)
     assert length == len(seen) and length >= 2
     learner.rng = np.random.default_rng(0)
     env.reset(seed=3)
     seen.clear()
-    q.run_episode(env, learner, learn=True)  # epsilon 1 now: other actions, the same rule
+    q.run_episodes([env], learner, learn=True)  # epsilon 1 now: other actions, the same rule
     batch = learner.buffer.sample(1, np.random.default_rng(0))  # the one episode, cut to its length
     np.testing.assert_array_equal(q.episode_agent_inputs(batch, learner.config)[0, :-1], np.array(seen))
 
@@ -571,7 +572,7 @@ def test_acting_restarts_the_hidden_state_every_episode(monkeypatch):
     monkeypatch.setattr(q, "agent_forward", spy)
     for seed in (3, 4, 5):
         env.reset(seed=seed)
-        q.run_episode(env, learner, learn=True)  # stored; no train step (batch_size 8)
+        q.run_episodes([env], learner, learn=True)  # stored; no train step (batch_size 8)
     monkeypatch.undo()
     batch = {name: array[:3] for name, array in learner.buffer.data.items()}
     unrolled, _, _ = q.agent_forward(learner.params["agent"], q.episode_agent_inputs(batch, config))
@@ -847,11 +848,129 @@ def test_one_train_step_per_episode_once_the_buffer_holds_a_batch_and_targets_ev
     learner.update_targets = lambda: updates.append(learner.episode)
     for episode in range(12):
         env.reset(seed=episode)
-        q.run_episode(env, learner, learn=True)
+        q.run_episodes([env], learner, learn=True)
         assert learner.episode == episode + 1 and len(learner.buffer) == min(episode + 1, 10)
         assert learner.train_steps == max(0, episode + 1 - 2)
     assert updates == [4, 8]  # pymarl: after the train step of episode (0-based) 4, 8, ...
     assert learner.t_env == sum(learner.history["length"])
+
+
+class Countdown:
+    """A test env whose episode length is set by its reset seed: 1 + seed % 6 steps, the last of
+    them flagged as the time limit when it is the 6th. Observations depend on the step and the
+    agents' last actions; agent 1 has one action unavailable at every step."""
+
+    def get_env_info(self):
+        return {"n_agents": 2, "n_actions": 3, "obs_shape": 2, "state_shape": 3, "episode_limit": 6}
+
+    def reset(self, seed=None):
+        self.length, self.t, self.last = 1 + seed % 6, 0, np.zeros(2)
+
+    def step(self, actions):
+        self.t, self.last = self.t + 1, np.asarray(actions, float)
+        done = self.t == self.length
+        return float(self.last.sum()), done, {"episode_limit": done and self.t == 6}
+
+    def get_obs(self):
+        return np.stack([np.full(2, self.t / 6), self.last], axis=1)
+
+    def get_state(self):
+        return np.array([self.t, *self.last]) / 6
+
+    def get_avail_actions(self):
+        avail = np.ones((2, 3))
+        avail[1, self.t % 3] = 0
+        return avail
+
+
+def test_batch_size_run_1_is_pymarls_episode_runner_bit_for_bit():
+    """train with one env equals the episode runner written with the public per-step API
+    (select_actions carrying the hidden state), then learn_from: parameters and history."""
+    config = q.Config(t_max=400, batch_size=4, buffer_size=20, hidden_dim=8, mixing_embed_dim=4,
+                      hypernet_embed=8, epsilon_anneal_time=200, target_update_interval=3, seed=2)
+    trained = q.train(Countdown(), config)
+    learner, env = q.Learner(config, Countdown().get_env_info()), Countdown()
+    while learner.t_env < config.t_max:
+        env.reset(seed=int(learner.rng.integers(2**31)))
+        epsilon, actions, done = learner.epsilon(), None, False
+        learner.init_hidden()
+        episode = {"obs": [env.get_obs()], "state": [env.get_state()], "avail_actions": [env.get_avail_actions()],
+                   "actions": [], "reward": [], "terminated": []}
+        while not done:
+            actions = learner.select_actions(episode["obs"][-1], episode["avail_actions"][-1], actions, epsilon)
+            reward, done, info = env.step(actions)
+            for name, value in (("actions", actions), ("reward", reward), ("terminated", done and not info["episode_limit"]),
+                                ("obs", env.get_obs()), ("state", env.get_state()), ("avail_actions", env.get_avail_actions())):
+                episode[name].append(value)
+        q.learn_from(learner, [episode], [(sum(episode["reward"]), len(episode["actions"]), not info["episode_limit"])])
+    assert learner.train_steps > 20
+    np.testing.assert_array_equal(learner.theta, trained.theta)
+    np.testing.assert_equal(learner.history, trained.history)  # NaN losses before the first train step
+
+
+def test_a_collection_of_k_episodes_is_stored_as_each_played_alone_with_its_own_hidden_state(monkeypatch):
+    """Three envs in lockstep, episodes of 2, 6 (the time limit) and 4 steps, then 5, 1 and 3:
+    each stored episode (every field, padding and mask included) is what playing it alone stores,
+    and the Qs each env's agents acted on are the unroll of its own episode from a zero state:
+    no hidden state passes between envs, to the envs still running, or into the next collection."""
+    config = q.Config(dtype="float64", batch_size=8, buffer_size=8, hidden_dim=8, epsilon_start=0.0,
+                      epsilon_finish=0.0, batch_size_run=3)
+    seeds = [[1, 5, 3], [4, 0, 2]]
+    together = q.Learner(config, Countdown().get_env_info())
+    alone = q.Learner(dataclasses.replace(config, batch_size_run=1), Countdown().get_env_info())
+    acted, real = [], q.agent_forward
+
+    def spy(params, inputs, hidden=None):
+        out = real(params, inputs, hidden)
+        acted.append(out[0][:, 0])  # (K', N, A): one step of the envs still running
+        return out
+
+    monkeypatch.setattr(q, "agent_forward", spy)
+    for collection in seeds:
+        envs_ = [Countdown() for _ in collection]
+        for env, seed in zip(envs_, collection):
+            env.reset(seed=seed)
+        results = q.run_episodes(envs_, together, learn=True)
+        assert [length for _, length, _ in results] == [1 + seed % 6 for seed in collection]
+        assert [success for _, _, success in results] == [1 + seed % 6 < 6 for seed in collection]
+    monkeypatch.undo()
+    for seed in sum(seeds, []):
+        env = Countdown()
+        env.reset(seed=seed)
+        q.run_episodes([env], alone, learn=True)
+    for name, array in together.buffer.data.items():
+        np.testing.assert_array_equal(array[:6], alone.buffer.data[name][:6], err_msg=name)
+    assert together.t_env == alone.t_env == 21 and together.episode == alone.episode == 6
+
+    batch = {name: array[:6] for name, array in together.buffer.data.items()}
+    unrolled, _, _ = q.agent_forward(together.params["agent"], q.episode_agent_inputs(batch, config))
+    lengths = batch["filled"].sum(axis=1).astype(int)
+    expected = [unrolled[[c * 3 + k for k in range(3) if lengths[c * 3 + k] > t], t]
+                for c in range(2) for t in range(lengths[c * 3: c * 3 + 3].max())]
+    assert len(acted) == len(expected) == 6 + 5
+    for got, want in zip(acted, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_k_envs_in_lockstep_one_train_step_per_collection_reproducibly():
+    """pymarl's run loop with batch_size_run 3: t_env counts every env's steps, the episode count
+    grows by 3, one train step per collection once the buffer holds a batch, target updates read
+    the episode count; the same seed gives the same run, bit for bit."""
+    config = q.Config(t_max=300, batch_size=4, buffer_size=30, hidden_dim=8, target_update_interval=5,
+                      epsilon_anneal_time=100, batch_size_run=3, seed=4)
+    runs = []
+    for _ in range(2):
+        learner = q.Learner(config, Countdown().get_env_info())
+        updates = []
+        learner.update_targets = lambda learner=learner: updates.append(learner.episode)
+        runs.append((q.train([Countdown(), Countdown(), Countdown()], config, learner=learner), updates))
+    (first, updates), (second, _) = runs
+    collections = first.episode // 3
+    assert first.episode % 3 == 0 and first.t_env == sum(first.history["length"]) >= 300
+    assert first.train_steps == collections - 1  # the first collection leaves 3 < 4 episodes
+    assert len(updates) >= 5 and updates == list(range(6, 6 * len(updates) + 1, 6))  # 5 episodes reached in steps of 3
+    np.testing.assert_array_equal(first.theta, second.theta)
+    np.testing.assert_equal(first.history, second.history)
 
 
 def two_step_config(mixer, seed=0):
