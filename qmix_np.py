@@ -365,7 +365,8 @@ def episode_agent_inputs(batch, config):
     """Agent inputs at every step t = 0..T of a batch of episodes: (B, T + 1, N, I)."""
     n_actions = batch["avail_actions"].shape[-1]
     taken = one_hot(batch["actions"], n_actions, config.dtype)  # (B, T, N, A)
-    last = np.concatenate([np.zeros_like(taken[:, :1]), taken], axis=1)  # (B, T + 1, N, A): none at t = 0
+    before_t0 = np.zeros((taken.shape[0], 1, *taken.shape[2:]), taken.dtype)  # (B, 1, N, A): no action yet
+    last = np.concatenate([before_t0, taken], axis=1)  # (B, T + 1, N, A)
     return build_agent_inputs(batch["obs"], last, config)
 
 

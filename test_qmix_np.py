@@ -532,6 +532,20 @@ def test_agent_inputs_are_obs_then_last_action_then_agent_id():
     np.testing.assert_array_equal(without, batch["obs"].astype(np.float32))
 
 
+def test_joint_q_tot_at_the_first_step_under_the_default_config():
+    """t = 0 (actions=None) with obs_last_action on, pymarl's default: the last-action block is
+    zeros, so the table is that of the agents' first step as acting computes it."""
+    learner = q.Learner(q.Config(dtype="float64"), {"n_agents": 2, "obs_shape": 3, "state_shape": 4,
+                                                    "n_actions": 2, "episode_limit": 5})
+    obs, state = np.random.default_rng(3).normal(size=(1, 2, 3)), np.zeros(4)
+    table = q.joint_q_tot(learner.params, learner.config, obs, state)
+    inputs = q.build_agent_inputs(obs[0], np.zeros((2, 2)), learner.config)[None, None]
+    agent_q = q.agent_forward(learner.params["agent"], inputs)[0][0, 0]  # (N, A)
+    for a0, a1 in np.ndindex(2, 2):
+        q_tot, _ = q.qmix_mixer_forward(learner.params["mixer"], agent_q[[0, 1], [a0, a1]][None], state[None])
+        assert table[a0, a1] == pytest.approx(q_tot[0], rel=1e-12)
+
+
 def test_acting_feeds_each_agent_its_own_previous_action():
     """The input the learner trains on at step t is the input the agent acted on at step t."""
     env = envs.MeetingGridworld(grid_size=4, n_agents=3, max_steps=6, seed=1)
