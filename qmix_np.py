@@ -15,9 +15,10 @@ tuple of per-agent argmaxes, so the agents act greedily on their own Qs. Trainin
 squared TD error of Q_tot against y_t = r_t + gamma (1 - terminated_t) Q_tot^-(s_{t+1}, a'_{t+1}),
 where the target networks (^-) are hard copies and a' is chosen by double Q.
 
-The learner is pymarl's (oxwhirl/pymarl: QMixer, QLearner, BasicMAC, EpisodeBatch), so the two
-can be read side by side: whole episodes are stored, a batch of episodes is sampled, the agent
-network runs over every time step, and the TD loss is masked to the steps that happened. The
+The learner is pymarl's (oxwhirl/pymarl: QMixer, QLearner, BasicMAC, EpisodeBatch, and its
+runners), so the two can be read side by side: K envs play one episode each in lockstep, whole
+episodes are stored, a batch of episodes is sampled, the agent network runs over every time
+step, and the TD loss is masked to the steps that happened. The
 agent is pymarl's RNNAgent, fc1 -> ReLU -> GRUCell -> fc2, trained by backpropagation through
 time; with use_rnn=False, EPyMARL's feed-forward variant fc1 -> ReLU -> Linear -> ReLU -> fc2.
 The README lists where this file departs from the paper and pymarl.
@@ -35,6 +36,8 @@ N agents, O observation, A actions, I agent input (O, + A with the last action, 
 agent id), S state, H hidden_dim, E mixing_embed_dim. M stands for "any number of rows".
 """
 from __future__ import annotations
+
+__version__ = "0.3.0"
 
 import dataclasses
 import hashlib
