@@ -84,7 +84,7 @@ def test_the_paper_units_count_each_agents_own_collision():
 
 def test_benchmark_runs_and_reports_every_part_as_json():
     result = run(HERE, HERE / "examples" / "benchmark.py", "--json", "--reps", "3", "--warmup", "1",
-                 "--sizes", "2,3,2,2,4,5", "3,2,4,5,6,3", "--e2e-steps", "300")
+                 "--sizes", "2,3,2,2,4,5", "3,2,4,5,6,3", "--e2e-steps", "300", "--e2e-k", "1", "2")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["blas_threads"] == 1 and report["dtype"] == "float32"
@@ -93,9 +93,10 @@ def test_benchmark_runs_and_reports_every_part_as_json():
         (dict(N=3, O=2, A=4, S=5, B=6, T=3), "gru"), (dict(N=3, O=2, A=4, S=5, B=6, T=3), "mlp")]
     timed = [*report["train_step"], report["greedy_actions_2_agents"]]
     assert all(0 < t["p10_us"] <= t["median_us"] <= t["p90_us"] for t in timed)
-    assert set(report["training"]) == {"gru", "mlp"}
-    for training in report["training"].values():
+    assert [(t["agent"], t["batch_size_run"]) for t in report["training"]] == [("gru", 1), ("gru", 2), ("mlp", 1), ("mlp", 2)]
+    for training in report["training"]:
         assert training["env_steps"] >= 300 and training["env_steps_per_s"] > 0 and training["train_steps"] >= 0
+        assert training["episodes"] % training["batch_size_run"] == 0
 
 
 def readme_example():

@@ -4,7 +4,8 @@ Times (median and spread after warm-up) of one full train step (sample a batch o
 forward and backward of the masked TD loss, clip, Adam) at several sizes, with the GRU agent
 (use_rnn=True, backpropagation through time) and the feed-forward one (use_rnn=False), of
 greedy action selection, and end-to-end training on Meeting Gridworld 5x5 with
-examples/meeting_gridworld.py's settings, with each agent. `--torch` also times, in the same run, the same train step in PyTorch: the restatement
+examples/meeting_gridworld.py's settings, with each agent, at several batch_size_run K (envs
+played in lockstep, one train step per K episodes). `--torch` also times, in the same run, the same train step in PyTorch: the restatement
 of pymarl's QLearner.train in test_pymarl_parity.py (shown there to compute the same numbers),
 on the same weights and batch. PyTorch is never a dependency (pip install torch==2.13.0 gives
 the CPU build on these machines).
@@ -35,7 +36,9 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=10, help="untimed repetitions first")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="training dtype")
     parser.add_argument("--threads", type=int, default=1, help="BLAS (and torch) threads")
-    parser.add_argument("--e2e-steps", type=int, default=20000, help="env steps of the end-to-end run")
+    parser.add_argument("--e2e-steps", type=int, default=20000, help="env steps of each end-to-end run")
+    parser.add_argument("--e2e-k", type=int, nargs="+", default=[1, 4, 8, 16], metavar="K",
+                        help="batch_size_run values (envs in lockstep) of the end-to-end runs")
     parser.add_argument("--torch", action="store_true", help="also time PyTorch (if installed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -45,8 +48,8 @@ def parse_args():
         parser.error("--sizes takes N,O,A,S,B,T groups of six integers")
     if any(len(s) != 6 or min(s) < 1 for s in args.sizes):
         parser.error("--sizes takes N,O,A,S,B,T groups of six integers >= 1")
-    if args.reps < 1 or args.warmup < 0 or args.threads < 1 or args.e2e_steps < 100:
-        parser.error("--reps and --threads must be >= 1, --warmup >= 0, --e2e-steps >= 100")
+    if args.reps < 1 or args.warmup < 0 or args.threads < 1 or args.e2e_steps < 100 or min(args.e2e_k) < 1:
+        parser.error("--reps, --threads and --e2e-k must be >= 1, --warmup >= 0, --e2e-steps >= 100")
     return args
 
 
@@ -164,14 +167,14 @@ def greedy_selection(dtype):
     return lambda: learner.select_actions(obs, avail, [4, 4])
 
 
-def training_throughput(steps, dtype, agent):
+def training_throughput(steps, dtype, agent, k):
     """Env steps per second of train() on Meeting Gridworld 5x5 from scratch, with
-    examples/meeting_gridworld.py's settings (one train step per episode once 32 are stored),
-    and how the time splits between train steps and the rest of the loop."""
+    examples/meeting_gridworld.py's settings but k envs in lockstep (one train step per k
+    episodes once 32 are stored), and how the time splits between train steps and the rest."""
     settings = meeting_gridworld.parse_args(["--t-max", str(steps), "--agent", agent])
-    config = dataclasses.replace(meeting_gridworld.make_config(settings, "qmix", 0), dtype=dtype)
-    env = envs.MeetingGridworld()
-    learner = q.Learner(config, env.get_env_info())
+    config = dataclasses.replace(meeting_gridworld.make_config(settings, "qmix", 0), dtype=dtype, batch_size_run=k)
+    envs_ = [envs.MeetingGridworld() for _ in range(k)]
+    learner = q.Learner(config, envs_[0].get_env_info())
     train_times, train_step = [], learner.train_step
 
     def timed_train_step():
@@ -182,10 +185,11 @@ def training_throughput(steps, dtype, agent):
 
     learner.train_step = timed_train_step  # this learner only; the train() loop calls it as usual
     start = time.perf_counter()
-    q.train(env, config, learner=learner)
+    q.train(envs_, config, learner=learner)
     elapsed = time.perf_counter() - start
     train_us = np.array(train_times or [0.0]) * 1e6  # [0.0]: a run too short to train
-    return {"env_steps": learner.t_env, "episodes": learner.episode, "train_steps": len(train_times),
+    return {"agent": agent, "batch_size_run": k, "env_steps": learner.t_env, "episodes": learner.episode,
+            "train_steps": len(train_times), "seconds": round(elapsed, 2),
             "env_steps_per_s": round(learner.t_env / elapsed),
             "train_step_median_us": round(float(np.median(train_us)), 1),
             "train_share": round(float(train_us.sum()) / (elapsed * 1e6), 3),
@@ -217,7 +221,7 @@ def main():
             row["ratio_numpy_over_torch"] = round(row["median_us"] / row["torch"]["median_us"], 3)
         result["train_step"].append(row)
     result["greedy_actions_2_agents"] = timings(greedy_selection(ARGS.dtype), ARGS.reps * 10, ARGS.warmup)
-    result["training"] = {agent: training_throughput(ARGS.e2e_steps, ARGS.dtype, agent) for agent in AGENTS}
+    result["training"] = [training_throughput(ARGS.e2e_steps, ARGS.dtype, agent, k) for agent in AGENTS for k in ARGS.e2e_k]
     if ARGS.json:
         print(json.dumps(result))
     else:
@@ -242,11 +246,16 @@ def print_table(r):
               f"{row['matmul_floor_ms']:>7.2f} ms{row['step_over_floor']:>12.1f}")
     print()
     print(f"{'greedy actions, 2 agents, GRU':<40}{fmt(r['greedy_actions_2_agents']):>26}")
-    for agent, t in r["training"].items():
-        print(f"{'training env steps/s, ' + agent.upper():<40}{t['env_steps_per_s']:>26,}   (Meeting Gridworld 5x5 "
-              f"from scratch, {t['env_steps']:,} env steps, {t['episodes']:,} episodes, {t['train_steps']:,} train steps)")
-        print(f"{'  where the time goes':<40}   train steps {t['train_share']:.0%} (median "
-              f"{t['train_step_median_us'] / 1000:.1f} ms), the rest of the loop {t['rest_per_env_step_us']:.0f} us per env step")
+    print(f"\ntraining Meeting Gridworld 5x5 from scratch, {r['training'][0]['env_steps']:,}+ env steps, "
+          "K envs in lockstep (batch_size_run):")
+    print(f"{'agent':<7}{'K':>4}{'env steps/s':>13}{'vs K = 1':>10}{'episodes':>10}{'train steps':>13}"
+          f"{'in train steps':>16}{'median step':>13}{'rest per env step':>19}")
+    base = {t["agent"]: t["env_steps_per_s"] for t in r["training"] if t["batch_size_run"] == 1}
+    for t in r["training"]:
+        speedup = f"{t['env_steps_per_s'] / base[t['agent']]:.1f}x" if t["agent"] in base else "-"
+        print(f"{t['agent'].upper():<7}{t['batch_size_run']:>4}{t['env_steps_per_s']:>13,}{speedup:>10}"
+              f"{t['episodes']:>10,}{t['train_steps']:>13,}{t['train_share']:>16.0%}"
+              f"{t['train_step_median_us'] / 1000:>10.1f} ms{t['rest_per_env_step_us']:>16.0f} us")
 
 
 def fmt(t):

@@ -51,11 +51,13 @@ def parse_args(argv=None):
     parser.add_argument("--t-max", type=int, default=100000, help="training env steps per seed (EPyMARL: 2,050,000)")
     parser.add_argument("--eval-episodes", type=int, default=100, help="greedy episodes per evaluation (EPyMARL: 100)")
     parser.add_argument("--curve-every", type=int, default=20000, help="env steps between evaluations")
+    parser.add_argument("--batch-size-run", type=int, default=1,
+                        help="envs played in lockstep (EPyMARL's default runner: 1 env, one train step per episode)")
     parser.add_argument("--out", default="runs", help="folder for the curves (CSV, PNG)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = parser.parse_args(argv)
-    if min(args.seeds, args.t_max, args.eval_episodes, args.curve_every) < 1:
-        parser.error("--seeds, --t-max, --eval-episodes and --curve-every must be at least 1")
+    if min(args.seeds, args.t_max, args.eval_episodes, args.curve_every, args.batch_size_run) < 1:
+        parser.error("--seeds, --t-max, --eval-episodes, --curve-every and --batch-size-run must be at least 1")
     return args
 
 
@@ -101,11 +103,12 @@ def greedy_returns(env, learner, episodes):
     return result["mean_return"], env.paper_total / episodes
 
 
-def make_config(method, seed, t_max):
+def make_config(method, seed, t_max, batch_size_run=1):
     """EPyMARL's qmix.yaml and default.yaml; only the mixer differs between methods."""
     return q.Config(mixer=method, seed=seed, t_max=t_max, use_rnn=False, obs_last_action=False,
                     obs_agent_id=True, standardise_rewards=True, buffer_size=5000, batch_size=32,
-                    target_update_interval=200, epsilon_anneal_time=50000, lr=5e-4, hidden_dim=64)
+                    target_update_interval=200, epsilon_anneal_time=50000, lr=5e-4, hidden_dim=64,
+                    batch_size_run=batch_size_run)
 
 
 def random_returns(env, episodes):
@@ -126,9 +129,9 @@ def run(method, seed, args):
     """Train one seed, evaluating greedily every --curve-every steps: curve [(env steps, return,
     return in the paper's units)] and seconds."""
     env, curve, start = make_env(), [], time.perf_counter()
-    learner = None
+    train_envs, learner = [make_env() for _ in range(args.batch_size_run)], None
     for t_max in [*range(args.curve_every, args.t_max, args.curve_every), args.t_max]:
-        learner = q.train(env, make_config(method, seed, t_max), learner=learner)
+        learner = q.train(train_envs, make_config(method, seed, t_max, args.batch_size_run), learner=learner)
         curve.append((learner.t_env, *greedy_returns(env, learner, args.eval_episodes)))
     return curve, time.perf_counter() - start
 

@@ -60,6 +60,7 @@ def main():
     args = parse_args()
     settings = meeting_gridworld.parse_args(["--t-max", str(args.t_max), "--agent", args.agent])
     config, env = meeting_gridworld.make_config(settings, "qmix", 0), meeting_gridworld.make_env(settings)
+    train_envs = [meeting_gridworld.make_env(settings) for _ in range(config.batch_size_run)]  # in lockstep
     low = -0.01 / (1 - config.gamma)
     print(f"soak: qmix ({args.agent}), {args.t_max:,} env steps on Meeting Gridworld 5x5, 2 agents; "
           f"true Q_tot lies in [{low:.2f}, 10.00]")
@@ -72,7 +73,7 @@ def main():
 
     learner, start, ranges = None, time.perf_counter(), []
     for t_max in [*range(args.every, args.t_max, args.every), args.t_max]:
-        learner = q.train(env, dataclasses.replace(config, t_max=t_max), learner=learner, callback=watch)
+        learner = q.train(train_envs, dataclasses.replace(config, t_max=t_max), learner=learner, callback=watch)
         ranges.append(q_tot_range(learner))
         print(f"{learner.t_env:>9,} env steps {learner.train_steps:>7,} train steps  max loss "
               f"{max(seen['loss'], default=math.nan):.2f}  max grad norm "
