@@ -39,6 +39,7 @@ from __future__ import annotations
 
 __version__ = "0.3.0"
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -1143,12 +1144,13 @@ def train(envs, config, learner=None, callback=None, progress=False):
     callbacks = [callback] if callback is not None else []
     if progress:
         callbacks.append(Progress(learner, 5.0 if progress is True else progress))
-    while learner.t_env < config.t_max:
-        for env in envs:
-            _reset(env, int(learner.rng.integers(2**31)))
-        for result in run_episodes(envs, learner, learn=True):
-            for f in callbacks:
-                f(learner, *result)
+    with one_blas_thread():  # these small matrices run fastest on one thread (see "Input validation")
+        while learner.t_env < config.t_max:
+            for env in envs:
+                _reset(env, int(learner.rng.integers(2**31)))
+            for result in run_episodes(envs, learner, learn=True):
+                for f in callbacks:
+                    f(learner, *result)
     return learner
 
 
@@ -1162,15 +1164,16 @@ def evaluate(env, learner, n_episodes, seed):
     check_env(env)
     check_evaluate_arguments(n_episodes, seed)
     returns, lengths, successes, ratios = [], [], [], []
-    for i in range(n_episodes):
-        _reset(env, seed + i)
-        optimal = env.optimal_length() if hasattr(env, "optimal_length") else None
-        [(episode_return, length, success)] = run_episodes([env], learner)
-        returns.append(episode_return)
-        lengths.append(length)
-        successes.append(success)
-        if success and optimal:
-            ratios.append(length / optimal)
+    with one_blas_thread():
+        for i in range(n_episodes):
+            _reset(env, seed + i)
+            optimal = env.optimal_length() if hasattr(env, "optimal_length") else None
+            [(episode_return, length, success)] = run_episodes([env], learner)
+            returns.append(episode_return)
+            lengths.append(length)
+            successes.append(success)
+            if success and optimal:
+                ratios.append(length / optimal)
     result = {"mean_return": float(np.mean(returns)), "success_rate": float(np.mean(successes)),
               "mean_length": float(np.mean(lengths)), "episodes": n_episodes}
     if hasattr(env, "optimal_length"):
@@ -1182,6 +1185,27 @@ def evaluate(env, learner, n_episodes, seed):
 # Input validation and the checkpoint format. The algorithm above calls these; it does not
 # need them to be read.
 # ==========================================================================================
+
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def one_blas_thread():
+    """A context for train and evaluate in which NumPy's BLAS runs on one thread, unless the user
+    chose a thread count (one of BLAS_THREAD_VARIABLES is set): on matrices this small, more
+    threads only wait for each other (5-6 times slower on two cores, docs/performance.md). It
+    uses threadpoolctl when installed (optional: pip install threadpoolctl); without it, it warns
+    once and says how."""
+    if any(name in os.environ for name in BLAS_THREAD_VARIABLES) or (os.cpu_count() or 1) == 1:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        warnings.warn("NumPy's BLAS may use every core here, which makes qmix_np several times slower "
+                      "on its small matrices: pip install threadpoolctl (then train and evaluate use one "
+                      "thread), or set OPENBLAS_NUM_THREADS=1 before NumPy is imported", stacklevel=3)
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
 
 
 def _is_int(x, low):

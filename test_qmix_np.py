@@ -9,9 +9,13 @@ Other tests sit beside this file: test_envs.py (environments and the env interfa
 test_checkpoints.py (checkpoints and bad input), test_pymarl_parity.py (against a PyTorch
 restatement of pymarl's learner; skipped without torch), test_examples.py (the scripts).
 """
+import contextlib
 import copy
 import dataclasses
 import math
+import sys
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -985,6 +989,30 @@ def test_k_envs_in_lockstep_one_train_step_per_collection_reproducibly():
     assert len(updates) >= 5 and updates == list(range(6, 6 * len(updates) + 1, 6))  # 5 episodes reached in steps of 3
     np.testing.assert_array_equal(first.theta, second.theta)
     np.testing.assert_equal(first.history, second.history)
+
+
+def test_train_and_evaluate_run_blas_on_one_thread_unless_the_user_chose(monkeypatch):
+    """A user's thread count is left alone; otherwise threadpoolctl (optional) limits BLAS to one
+    thread around train and evaluate, and without it a warning says how."""
+    assert isinstance(q.one_blas_thread(), type(contextlib.nullcontext()))  # conftest set the variables
+    for name in q.BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(q.os, "cpu_count", lambda: 2)
+    calls = []
+    fake = types.ModuleType("threadpoolctl")
+    fake.threadpool_limits = lambda **kwargs: calls.append(kwargs) or contextlib.nullcontext()
+    monkeypatch.setitem(sys.modules, "threadpoolctl", fake)
+    env = Countdown()
+    learner = q.train(env, q.Config(t_max=20, batch_size=2, buffer_size=4, hidden_dim=4))
+    q.evaluate(env, learner, 2, seed=0)
+    assert calls == [{"limits": 1, "user_api": "blas"}] * 2
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # not installed
+    with pytest.warns(UserWarning, match="pip install threadpoolctl"):
+        q.evaluate(env, learner, 2, seed=0)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.evaluate(env, learner, 2, seed=0)
 
 
 def two_step_config(mixer, seed=0):

@@ -11,7 +11,7 @@ is installed) under --out. Curve evaluations are not counted in the training sec
 
     python examples/meeting_gridworld.py                      # 5x5, 2 agents, 5 seeds, 3 methods
     python examples/meeting_gridworld.py --methods qmix --seeds 1 --t-max 20000
-    python examples/meeting_gridworld.py --methods qmix --seeds 1 --grid-size 7 --n-agents 3 --t-max 3000000 --epsilon-anneal-time 750000 --buffer-size 2000 --adam-eps 1e-5  # 7x7
+    python examples/meeting_gridworld.py --methods qmix --seeds 1 --grid-size 7 --n-agents 3 --t-max 3000000 --epsilon-anneal-time 750000 --buffer-size 2000 --adam-eps 1e-5 --lr 1e-3  # 7x7: ~10 min
     python examples/meeting_gridworld.py --json               # summary as one JSON object
     python examples/meeting_gridworld.py --methods qmix --seeds 1 --t-max 40000 --save runs
     python examples/meeting_gridworld.py --load runs/qmix-seed0.npz --t-max 80000  # resume to 80k
