@@ -889,6 +889,7 @@ class RunningMeanStd:
 
 COUNTERS = ("t_env", "episode", "train_steps", "last_target_update_episode", "skipped_steps")
 HISTORY_KEYS = ("t_env", "return", "length", "success", "loss")  # Learner.history, per training episode
+HISTORY_DTYPES = (np.int64, np.float64, np.int64, np.bool_, np.float64)  # as saved in a checkpoint
 
 
 class Learner:
@@ -927,7 +928,7 @@ class Learner:
         self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient norm
         self.last_diagnostics = None  # what the latest train_step returned
         self.reward_stats = RunningMeanStd()  # of the rewards train steps have seen (standardise_rewards)
-        self.history = {key: [] for key in HISTORY_KEYS}  # per training episode (not saved)
+        self.history = {key: [] for key in HISTORY_KEYS}  # per training episode (saved in checkpoints)
         self.init_hidden()
 
     def init_hidden(self):
@@ -1506,6 +1507,7 @@ def state_arrays(learner, include_buffer=True):
         "counters": np.array([getattr(learner, name) for name in COUNTERS], dtype=np.int64),
         "reward_stats": np.array(dataclasses.astuple(learner.reward_stats)),  # mean, var, count
         "rng_state": np.array(json.dumps(learner.rng.bit_generator.state)),
+        **{f"history/{k}": np.array(learner.history[k], dtype=dt) for k, dt in zip(HISTORY_KEYS, HISTORY_DTYPES)},
     }
     if include_buffer:
         arrays["buffer_position"] = np.array([learner.buffer.size, learner.buffer.next_index], dtype=np.int64)
@@ -1562,7 +1564,7 @@ def write_checkpoint(learner, path, include_buffer=True):
 TEXT_ENTRIES = ("format", "config", "env_info", "rng_state", "sha256")  # JSON or plain text, one string each
 MAX_TEXT_CHARS = 2**20
 ENTRY_NAMES = {*TEXT_ENTRIES, "version", "theta", "target_theta", "optim_t", "counters", "reward_stats",
-               "buffer_position",
+               "buffer_position", *(f"history/{k}" for k in HISTORY_KEYS),
                *(f"optim/{n}" for n in Adam.state_names + RMSprop.state_names),
                *(f"buffer/{n}" for n in episode_fields(1, 1, 1, 1, 1, np.float32))}
 
@@ -1584,14 +1586,16 @@ def parameter_count(config, env_info):
     return agent + hypernet(e * n) + hypernet(e) + 2 * (s + 1) * e + (e + 1)  # + hyper_b_1, V
 
 
-def checkpoint_layout(config, env_info, include_buffer):
-    """name -> (shape, dtype) of every non-text entry a checkpoint of this config and env holds."""
+def checkpoint_layout(config, env_info, include_buffer, episodes):
+    """name -> (shape, dtype) of every non-text entry a checkpoint of this config and env holds,
+    with a history of `episodes` training episodes."""
     dtype, theta = np.dtype(config.dtype), (parameter_count(config, env_info),)
     names = RMSprop.state_names if config.optimizer == "rmsprop" else Adam.state_names
     layout = {"version": ((), np.dtype(np.int64)), "theta": (theta, dtype), "target_theta": (theta, dtype),
               **{f"optim/{name}": (theta, dtype) for name in names},
               "optim_t": ((), np.dtype(np.int64)), "counters": ((len(COUNTERS),), np.dtype(np.int64)),
-              "reward_stats": ((3,), np.dtype(np.float64))}
+              "reward_stats": ((3,), np.dtype(np.float64)),
+              **{f"history/{k}": ((episodes,), np.dtype(dt)) for k, dt in zip(HISTORY_KEYS, HISTORY_DTYPES)}}
     if include_buffer:
         fields = episode_fields(env_info["episode_limit"], env_info["n_agents"], env_info["obs_shape"],
                                 env_info["state_shape"], env_info["n_actions"], dtype)
@@ -1660,6 +1664,13 @@ def _read_json(path, text, name):
     return value
 
 
+def _declared_episodes(declared):
+    """The history's length as the file declares it (checked against the counters once read;
+    each history entry's bytes are already held to the file's size)."""
+    shape = declared.get("history/t_env", ((0,), None))[0]
+    return shape[0] if len(shape) == 1 else 0
+
+
 def _check_layout(path, declared, expected):
     """The declared entries are exactly the expected ones, each with the expected shape and dtype."""
     names = set(declared) - set(TEXT_ENTRIES)
@@ -1698,7 +1709,8 @@ def read_checkpoint(learner_class, path, env_info=None, config=None, max_buffer_
             _check_version(path, declared, archive)
             text = {name: _read_text(path, archive, declared, name) for name in TEXT_ENTRIES}
             saved_config, saved_env_info = _checked_settings(path, text, env_info, config)
-            expected = checkpoint_layout(saved_config, saved_env_info, "buffer_position" in declared)
+            expected = checkpoint_layout(saved_config, saved_env_info, "buffer_position" in declared,
+                                         _declared_episodes(declared))
             _check_layout(path, declared, expected)
             if "buffer_position" not in declared:
                 _check_empty_buffer_size(path, saved_config, saved_env_info, max_buffer_bytes)
@@ -1798,8 +1810,23 @@ def _check_values(path, learner, arrays, rng_state):
         type(learner.rng.bit_generator)().state = state  # set on a throwaway generator: it checks the rest
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as err:
         raise ValueError(f"{path}: entry 'rng_state' is not a Generator state for this code: {err}") from None
+    _check_history(path, arrays, counters, limit)
     if "buffer_position" in arrays:
         _check_buffer(path, learner.buffer, arrays)
+
+
+def _check_history(path, arrays, counters, limit):
+    """One row per training episode: t_env never decreasing and within the counter, lengths of 1
+    to episode_limit steps, finite returns, losses finite or NaN (before the first train step)."""
+    t_env, returns, lengths, losses = (arrays[f"history/{k}"] for k in ("t_env", "return", "length", "loss"))
+    problems = [(len(t_env) != counters["episode"], f"one row per training episode ({counters['episode']})"),
+                (len(t_env) and (t_env.min() < 0 or t_env.max() > counters["t_env"] or (np.diff(t_env) < 0).any()),
+                 f"t_env never decreasing, in [0, {counters['t_env']}]"),
+                (len(t_env) and (lengths.min() < 1 or lengths.max() > limit), f"lengths of 1 to {limit} steps"),
+                (not np.isfinite(returns).all(), "finite returns"), (np.isinf(losses).any(), "no infinite loss")]
+    for broken, expected in problems:
+        if broken:
+            raise ValueError(f"{path}: entries 'history/...' must hold {expected}")
 
 
 def _check_buffer(path, buffer, arrays):
@@ -1844,3 +1871,4 @@ def _restore(learner, arrays, rng_state):
         for key in learner.buffer.data:
             learner.buffer.data[key][...] = arrays[f"buffer/{key}"]
         learner.buffer.size, learner.buffer.next_index = (int(v) for v in arrays["buffer_position"])
+    learner.history = {k: arrays[f"history/{k}"].tolist() for k in HISTORY_KEYS}

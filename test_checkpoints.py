@@ -204,6 +204,13 @@ CRAFTED = [  # (id, change to the saved arrays, re-sign?, what the refusal must 
     ("a terminal step mid-episode", edited("buffer/terminated", setitem((0, 0), 1)), True, "stored episode 0 .* only the last step"),
     ("filled with a hole", edited("buffer/filled", setitem((0, 0), 0)), True, "entry 'buffer/filled'"),
     ("a value in an unused slot", edited("buffer/reward", setitem((45, 0), 5.0)), True, "entry 'buffer/reward' must be 0"),
+    ("a history row short", lambda a: {**a, **{k: v[:-1] for k, v in a.items() if k.startswith("history/")}}, True,
+     "entries 'history/...' must hold one row per training episode"),
+    ("a history of two lengths", lambda a: {**a, "history/loss": a["history/loss"][:-1]}, True, "entry 'history/loss' declares"),
+    ("no history", lambda a: {k: v for k, v in a.items() if not k.startswith("history/")}, True, "should hold \\['history/length'"),
+    ("t_env going back", edited("history/t_env", setitem(-1, 0)), True, "t_env never decreasing"),
+    ("an episode of 0 steps", edited("history/length", setitem(0, 0)), True, "lengths of 1 to 2 steps"),
+    ("an infinite loss", edited("history/loss", setitem(-1, np.inf)), True, "no infinite loss"),
 ]
 
 
