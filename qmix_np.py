@@ -1139,8 +1139,7 @@ def train(envs, config, learner=None, callback=None, progress=False):
     envs = check_train_arguments(envs, config, callback, progress)
     if learner is None:
         learner = Learner(config, envs[0].get_env_info())
-    elif dataclasses.replace(learner.config, t_max=config.t_max) != config:
-        raise ValueError("config must equal learner.config except for t_max")
+    check_learner_fits(learner, envs[0], config)
     learner.config = config
     callbacks = [callback] if callback is not None else []
     if progress:
@@ -1164,6 +1163,7 @@ def evaluate(env, learner, n_episodes, seed):
     """
     check_env(env)
     check_evaluate_arguments(n_episodes, seed)
+    check_learner_fits(learner, env)
     returns, lengths, successes, ratios = [], [], [], []
     with one_blas_thread():
         for i in range(n_episodes):
@@ -1385,7 +1385,25 @@ def check_env(env):
         hint = (" It looks like a PettingZoo ParallelEnv: wrap it as envs.PettingZooEnv(env)."
                 if hasattr(env, "possible_agents") else "")
         raise TypeError(f"env lacks {missing}: qmix_np drives environments with pymarl's interface, "
-                        f"{', '.join(ENV_METHODS)} (see envs.MultiAgentEnv).{hint}")
+                        f"{', '.join(ENV_METHODS)} (see MultiAgentEnv in envs.py, installed as "
+                        f"qmix_np_envs).{hint}")
+
+
+def check_learner_fits(learner, env, config=None):
+    """The learner was built for this env's get_env_info(), and `config` (to continue it) differs
+    from its config in t_max only; a ValueError names what differs."""
+    if not isinstance(learner, Learner):
+        raise TypeError(f"learner must be a Learner, got {type(learner).__name__}")
+    info = check_env_info(env.get_env_info())
+    differ = {key: (learner.env_info[key], info[key]) for key in ENV_INFO_KEYS if learner.env_info[key] != info[key]}
+    if differ:
+        raise ValueError("the learner was built for another environment: " + ", ".join(
+            f"{key} {mine} in learner.env_info, {theirs} in env.get_env_info()" for key, (mine, theirs) in differ.items()))
+    if config is not None:
+        fields = [f.name for f in dataclasses.fields(Config)
+                  if f.name != "t_max" and getattr(config, f.name) != getattr(learner.config, f.name)]
+        if fields:
+            raise ValueError(f"config must equal learner.config except for t_max; it differs in {fields}")
 
 
 def check_train_arguments(envs, config, callback, progress):
@@ -1425,9 +1443,12 @@ def check_evaluate_arguments(n_episodes, seed):
 def check_observation(env, learner):
     """The env's (obs (N, O), state (S,), avail_actions (N, A) as bool), each checked."""
     n, o, s, a = learner.n_agents, learner.obs_dim, learner.state_dim, learner.n_actions
-    return (_check_array("env.get_obs()", env.get_obs(), (n, o), "float", learner.dtype),
-            _check_array("env.get_state()", env.get_state(), (s,), "float", learner.dtype),
-            check_avail_actions("env.get_avail_actions()", env.get_avail_actions(), n, a))
+    return (_check_array("env.get_obs() (shaped by get_env_info()'s n_agents, obs_shape)", env.get_obs(),
+                         (n, o), "float", learner.dtype),
+            _check_array("env.get_state() (shaped by get_env_info()'s state_shape)", env.get_state(),
+                         (s,), "float", learner.dtype),
+            check_avail_actions("env.get_avail_actions() (shaped by get_env_info()'s n_agents, n_actions)",
+                                env.get_avail_actions(), n, a))
 
 
 def check_step(result, length, episode_limit, dtype):
@@ -1439,9 +1460,13 @@ def check_step(result, length, episode_limit, dtype):
                          f"MultiAgentEnv does, got {got}" + (" (a Gymnasium-style step? wrap it so "
                          "that a truncation becomes info['episode_limit'] = True)" if got == "a tuple of 5" else ""))
     reward, terminated, info = result
+    if np.ndim(reward) != 0:
+        raise ValueError(f"the reward from env.step() must be one number, the team's, got shape "
+                         f"{np.shape(reward)}: pymarl's interface has one reward per step (sum the agents')")
     reward = float(_check_array("the reward from env.step()", reward, (), "float", dtype))
     if not isinstance(terminated, (bool, np.bool_)):
-        raise TypeError(f"terminated from env.step() must be a bool, got {terminated!r}")
+        raise TypeError(f"terminated from env.step() must be a bool (True or False), got "
+                        f"{type(terminated).__name__} {terminated!r}")
     if not isinstance(info, dict):
         raise TypeError(f"info from env.step() must be a dict, got {type(info).__name__}")
     if not isinstance(info.get("episode_limit", False), (bool, np.bool_)):

@@ -1,4 +1,5 @@
 """The environments in envs.py, and what train/evaluate accept from an environment of your own."""
+import dataclasses
 import warnings
 
 import numpy as np
@@ -314,6 +315,13 @@ class BadStep(Corridor):
         return self.result
 
 
+class WrongObsShape(Corridor):
+    """get_obs is right; get_env_info claims two observation features."""
+
+    def get_env_info(self):
+        return {**super().get_env_info(), "obs_shape": 2}
+
+
 @pytest.mark.parametrize("env,error,words", [
     (NotAnEnv(), TypeError, "env lacks ['get_obs', 'get_state', 'get_avail_actions', 'get_env_info']"),
     (GymnasiumStyle(), ValueError, "must return (reward, terminated, info)"),
@@ -321,6 +329,11 @@ class BadStep(Corridor):
     (BadStep((1.0, False, None)), TypeError, "info from env.step() must be a dict"),
     (BadStep((1.0, "False", {})), TypeError, "terminated from env.step() must be a bool"),
     (BadStep((float("nan"), False, {})), ValueError, "the reward from env.step() must be finite"),
+    (BadStep((1.0, 0, {})), TypeError, "terminated from env.step() must be a bool (True or False), got int 0"),
+    (BadStep(([0.5, 0.5], False, {})), ValueError, "must be one number, the team's, got shape (2,): pymarl's "
+                                                   "interface has one reward per step (sum the agents')"),
+    (WrongObsShape(), ValueError, "env.get_obs() (shaped by get_env_info()'s n_agents, obs_shape) must have "
+                                  "shape (1, 2), got (1, 1)"),
 ])
 def test_an_env_that_breaks_the_interface_gets_a_clear_message(env, error, words):
     with pytest.raises(error) as caught:
@@ -330,6 +343,20 @@ def test_an_env_that_breaks_the_interface_gets_a_clear_message(env, error, words
         assert "envs.PettingZooEnv(env)" in str(caught.value) and "reset, step, get_obs" in str(caught.value)
     if isinstance(env, GymnasiumStyle):
         assert "Gymnasium-style" in str(caught.value)
+
+
+def test_a_learner_for_another_env_or_config_is_refused_naming_what_differs():
+    config = q.Config(mixer="vdn", t_max=3, batch_size=1, buffer_size=2)
+    learner = q.train(Corridor(), config)
+    longer = type("LongerCorridor", (Corridor,), {"episode_limit": 10})()
+    for call in (lambda: q.train(longer, config, learner=learner), lambda: q.evaluate(longer, learner, 1, 0)):
+        with pytest.raises(ValueError, match="built for another environment: episode_limit 3 in learner.env_info, "
+                                             "10 in env.get_env_info()"):
+            call()
+    with pytest.raises(ValueError, match="except for t_max; it differs in \\['gamma', 'lr'\\]"):
+        q.train(Corridor(), dataclasses.replace(config, lr=1e-3, gamma=0.9), learner=learner)
+    with pytest.raises(TypeError, match="learner must be a Learner, got str"):
+        q.train(Corridor(), config, learner="learner")
 
 
 # ------------------------------------------------------------------------------------------
