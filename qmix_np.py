@@ -104,6 +104,13 @@ class Config:
     def __post_init__(self):
         check_config(self)  # see "Input validation" at the end of this file
 
+    def __setattr__(self, name, value):
+        """Fields are set once, by __init__, then checked: a Config never changes after that."""
+        if name in self.__dict__:
+            raise TypeError(f"a Config does not change once checked: make another with "
+                            f"dataclasses.replace(config, {name}=...)")
+        object.__setattr__(self, name, value)
+
 
 # ------------------------------------------------------------------------------------------
 # Primitives: forward(x, ...) -> (out, cache); backward(dout, cache) -> (dx, {param: grad})
@@ -966,6 +973,7 @@ class Learner:
             last = one_hot(last_actions, self.n_actions, self.dtype)
         inputs = build_agent_inputs(obs, last, self.config)[:, None]  # (K, 1, N, I): one step of K episodes
         q, hidden, _ = agent_forward(self.params["agent"], inputs, hidden)
+        check_finite_q(q)  # see "Input validation": a NaN would pick action 0 without a word
         greedy = masked_argmax(q[:, 0], avail)  # (K, N)
         if epsilon == 0:
             return greedy, hidden
@@ -977,9 +985,10 @@ class Learner:
         """One gradient step on a batch of episodes (pymarl's QLearner.train). Returns its diagnostics.
 
         A non-finite loss, gradient norm or update changes nothing: it raises FloatingPointError,
-        or with config.on_nonfinite "skip" the step is skipped and counted.
+        or with config.on_nonfinite "skip" the step is skipped, counted and warned of.
         """
         c = self.config
+        check_can_sample(self.buffer, c.batch_size)  # see "Input validation"
         batch = self.buffer.sample(c.batch_size, self.rng)
         reward_stats = self.reward_stats
         if c.standardise_rewards:  # as EPyMARL: over the batch's (B, T) rewards, padding included
@@ -999,6 +1008,8 @@ class Learner:
                     f"({grad_norm}) or the updated parameters or optimiser state are not finite; "
                     "nothing has changed (Config.on_nonfinite='skip' skips such steps instead)")
             self.skipped_steps += 1
+            warnings.warn(f"a train step was skipped: its loss, gradient norm or update is not finite "
+                          f"(Config.on_nonfinite='skip'; learner.skipped_steps counts them)", RuntimeWarning, stacklevel=2)
             return {"loss": loss, "grad_norm": grad_norm, "skipped": True, **diagnostics}
         self.theta[...] = new_theta
         self.optimiser.commit(new_state)
@@ -1120,7 +1131,8 @@ class Progress:
         rate = (learner.t_env - self.start_t_env) / (now - self.start)
         print(f"{learner.t_env:>9,} env steps {learner.episode:>7,} episodes  epsilon {learner.epsilon():.2f}  "
               f"loss {h['loss'][-1]:.4f}  last 100 episodes: return {np.mean(h['return'][-100:]):.2f}, "
-              f"success {np.mean(h['success'][-100:]):.0%}  {rate:,.0f} env steps/s",
+              f"success {np.mean(h['success'][-100:]):.0%}  {rate:,.0f} env steps/s"
+              + (f"  SKIPPED {learner.skipped_steps:,} train steps (not finite)" if learner.skipped_steps else ""),
               file=self.stream, flush=True)
 
 
@@ -1271,16 +1283,16 @@ def _python_value(value):
 def check_config(config):
     """Every Config field against its rule; a ValueError names the first field that breaks one.
     NumPy scalars are stored as Python values."""
-    config.adam_betas = tuple(_python_value(b) for b in _as_tuple("adam_betas", config.adam_betas))
+    object.__setattr__(config, "adam_betas", tuple(_python_value(b) for b in _as_tuple("adam_betas", config.adam_betas)))
     for name, ok, expected in _CONFIG_RULES:
         value = getattr(config, name)
         try:
             good = ok(value)
-        except TypeError:
+        except (TypeError, OverflowError):  # OverflowError: an int too large for a float (10**400)
             good = False
         if not good:
             raise ValueError(f"Config.{name} must be {expected}, got {value!r}")
-        setattr(config, name, _python_value(value))
+        object.__setattr__(config, name, _python_value(value))  # a NumPy scalar as the number it holds
     limits = np.finfo(config.dtype)
     for name in ("lr", "adam_eps", "optim_eps"):  # they enter the update in the training dtype
         value = getattr(config, name)
@@ -1387,6 +1399,20 @@ def check_env(env):
         raise TypeError(f"env lacks {missing}: qmix_np drives environments with pymarl's interface, "
                         f"{', '.join(ENV_METHODS)} (see MultiAgentEnv in envs.py, installed as "
                         f"qmix_np_envs).{hint}")
+
+
+def check_can_sample(buffer, batch_size):
+    """train_step needs batch_size distinct stored episodes."""
+    if len(buffer) < batch_size:
+        raise ValueError(f"a train step samples batch_size = {batch_size} distinct episodes, but the buffer "
+                         f"holds {len(buffer)}: store more first (train does, before its first train step)")
+
+
+def check_finite_q(q):
+    """Acting on a NaN or infinite Q-value would choose an arbitrary action: refuse it."""
+    if not np.isfinite(q).all():
+        raise FloatingPointError("the agent network gives non-finite Q-values for these inputs (its "
+                                 "parameters overflow, or diverged): no action can be chosen from them")
 
 
 def check_learner_fits(learner, env, config=None):

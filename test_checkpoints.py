@@ -385,8 +385,9 @@ def test_a_non_finite_step_raises_and_changes_nothing(q_bias, what, finite_eleme
     assert_unchanged(learner, before)
     assert learner.optimiser.t == 0 and learner.train_steps == 0
 
-    learner.config.on_nonfinite = "skip"
-    assert learner.train_step()["skipped"] is True
+    learner.config = dataclasses.replace(learner.config, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="a train step was skipped"):
+        assert learner.train_step()["skipped"] is True
     assert learner.skipped_steps == 1 and learner.train_steps == 0
     before["counters"][q.COUNTERS.index("skipped_steps")] = 1
     assert_unchanged(learner, before)
@@ -402,8 +403,9 @@ def test_an_update_that_would_overflow_raises_and_changes_nothing():
     with pytest.raises(FloatingPointError, match="updated parameters or optimiser state are not finite"):
         learner.train_step()
     assert_unchanged(learner, before)
-    learner.config.on_nonfinite = "skip"
-    assert learner.train_step()["skipped"] is True and learner.skipped_steps == 1
+    learner.config = dataclasses.replace(learner.config, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="a train step was skipped"):
+        assert learner.train_step()["skipped"] is True and learner.skipped_steps == 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -543,6 +545,10 @@ def bad_input_cases():
         ("train: one env twice", lambda l, e, g: q.train([e, e], dataclasses.replace(l.config, batch_size_run=2), learner=l), ValueError, "must be distinct objects"),
         ("train: envs of two tasks", lambda l, e, g: q.train([e, envs.MeetingGridworld(max_steps=10)], dataclasses.replace(l.config, batch_size_run=2), learner=l), ValueError, "must describe one task"),
         ("config: batch_size_run 0", lambda l, e, g: q.Config(batch_size_run=0), ValueError, "Config.batch_size_run must be an int >= 1"),
+        ("config: changed after it was checked", lambda l, e, g: setattr(l.config, "batch_size", 16), TypeError, "a Config does not change once checked: make another with dataclasses.replace(config, batch_size=...)"),
+        ("config: an int too large for a float", lambda l, e, g: q.Config(lr=10**400), ValueError, "Config.lr must be a number > 0"),
+        ("train_step: fewer episodes than a batch", lambda l, e, g: q.Learner(l.config, l.env_info).train_step(), ValueError, "samples batch_size = 4 distinct episodes, but the buffer holds 0"),
+        ("train: a config that is not a Config", lambda l, e, g: q.train(e, {"t_max": 5}, learner=l), TypeError, "config must be a Config, got dict"),
         ("mixer: unknown name", lambda l, e, g: q.get_mixer("sum"), ValueError, "mixer must be one of"),
         ("save: a folder that does not exist", lambda l, e, g: l.save(HERE / "no-such-folder" / "run.npz"), ValueError, "no-such-folder"),
         ("save: a path that is not one", lambda l, e, g: l.save(7), TypeError, "path must be a str or os.PathLike, got int"),

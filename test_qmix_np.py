@@ -799,7 +799,7 @@ def test_double_q_picks_with_online_and_values_with_target():
     np.testing.assert_allclose(q.td_targets(learner.target_params, batch, inputs, online_q, c)[real], expected[real])
 
     plain = batch["reward"] + 0.9 * (1 - batch["terminated"]) * target.max(-1).sum(-1)
-    c.double_q = False
+    c = dataclasses.replace(c, double_q=False)
     np.testing.assert_allclose(q.td_targets(learner.target_params, batch, inputs, online_q, c)[real], plain[real])
 
 
@@ -813,9 +813,20 @@ def test_targets_never_use_an_unavailable_action():
     inputs = q.episode_agent_inputs(batch, learner.config)
     online_q = q.agent_forward(learner.params["agent"], inputs)[0]
     for double_q in (True, False):
-        learner.config.double_q = double_q
-        y = q.td_targets(learner.target_params, batch, inputs, online_q, learner.config)
+        y = q.td_targets(learner.target_params, batch, inputs, online_q, dataclasses.replace(learner.config, double_q=double_q))
         assert np.all(np.abs(y - batch["reward"]) < 1e5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
+def test_acting_on_non_finite_q_values_is_an_error():
+    """Finite but huge weights overflow the Qs: greedy or not, no action is chosen from them."""
+    learner = small_learner("qmix", dtype="float32")
+    learner.params["agent"]["fc2.bias"][:] = 3e38
+    learner.params["agent"]["fc2.weight"][:] = 3e38
+    assert np.isfinite(learner.theta).all()
+    for epsilon in (0.0, 0.5):
+        with pytest.raises(FloatingPointError, match="non-finite Q-values"):
+            learner.select_actions(np.ones((3, 4)), np.ones((3, 4)), epsilon=epsilon)
 
 
 def test_exploration_and_greedy_choose_only_available_actions():
