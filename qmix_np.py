@@ -926,8 +926,11 @@ class Learner:
         })
         self.target_theta, self.target_params = pack(self.params)
         self.optimiser = make_optimiser(config, self.theta)
-        self.buffer = EpisodeBuffer(config.buffer_size, self.env_info["episode_limit"], self.n_agents,
-                                    self.obs_dim, self.state_dim, self.n_actions, self.dtype)
+        try:
+            self.buffer = EpisodeBuffer(config.buffer_size, self.env_info["episode_limit"], self.n_agents,
+                                        self.obs_dim, self.state_dim, self.n_actions, self.dtype)
+        except MemoryError:
+            raise ValueError(buffer_memory_message(config, self.env_info)) from None
         self.t_env = 0  # env steps taken in training
         self.episode = 0  # training episodes finished
         self.train_steps = 0  # gradient steps taken
@@ -1588,12 +1591,14 @@ def write_checkpoint(learner, path, include_buffer=True):
     digest of all of it. Written to a temporary file in the same folder and renamed over `path`,
     so a crash mid-save leaves any previous checkpoint at `path` intact. A new file gets the
     usual mode (0666 less the umask); a replaced one keeps its mode."""
-    path = _as_path(path)
+    given, path = path, _as_path(path)
+    if path.name in ("", ".", "..") or path.is_dir():  # is_dir follows a link to a folder too
+        raise ValueError(f"cannot save to {os.fspath(given)!r}: it names a folder, not a file")
     if not path.parent.is_dir():
         raise ValueError(f"cannot save to {path}: the folder {path.parent} does not exist")
     arrays = state_arrays(learner, include_buffer)
     arrays["sha256"] = np.array(_digest(arrays))
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".qmix-np-", suffix=".tmp")  # mode 0600; a short name
     try:
         with os.fdopen(handle, "wb") as f:
             with zipfile.ZipFile(f, "w") as archive:
@@ -1781,13 +1786,24 @@ def read_checkpoint(learner_class, path, env_info=None, config=None, max_buffer_
     return learner
 
 
-def _check_empty_buffer_size(path, config, env_info, max_buffer_bytes):
-    """A checkpoint saved without its buffer: the empty buffer the learner allocates is bounded."""
+def buffer_bytes(config, env_info):
+    """The bytes of the replay buffer a Learner reserves: buffer_size episodes of episode_limit + 1 steps."""
     fields = episode_fields(env_info["episode_limit"], env_info["n_agents"], env_info["obs_shape"],
                             env_info["state_shape"], env_info["n_actions"], config.dtype)
-    buffer_bytes = sum(_nbytes((config.buffer_size,) + shape, dtype) for shape, dtype in fields.values())
-    if buffer_bytes > max_buffer_bytes:
-        raise ValueError(f"{path}: the learner would allocate an empty buffer of {buffer_bytes:,} bytes "
+    return sum(_nbytes((config.buffer_size,) + shape, dtype) for shape, dtype in fields.values())
+
+
+def buffer_memory_message(config, env_info):
+    return (f"the replay buffer needs {buffer_bytes(config, env_info):,} bytes (Config.buffer_size "
+            f"{config.buffer_size} episodes, each padded to episode_limit + 1 = {env_info['episode_limit'] + 1} "
+            "steps), more than this machine can give: lower Config.buffer_size")
+
+
+def _check_empty_buffer_size(path, config, env_info, max_buffer_bytes):
+    """A checkpoint saved without its buffer: the empty buffer the learner allocates is bounded."""
+    needed = buffer_bytes(config, env_info)
+    if needed > max_buffer_bytes:
+        raise ValueError(f"{path}: the learner would allocate an empty buffer of {needed:,} bytes "
                          f"(config buffer_size {config.buffer_size}), more than max_buffer_bytes "
                          f"({max_buffer_bytes:,})")
 

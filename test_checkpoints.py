@@ -304,6 +304,25 @@ print(json.dumps(results))
     assert "compressed" in results["compressed member.npz"][1] or "unexpected entry" in results["compressed member.npz"][1]
 
 
+def test_a_buffer_larger_than_the_memory_is_refused_in_bytes_naming_the_setting(tmp_path):
+    """pymarl's 5000 episodes of a 10,000-step env reserve 5.1 GB: under a 2 GB address space
+    the Learner refuses with the bytes and the setting, not NumPy's MemoryError."""
+    script = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+sys.path.insert(0, {str(HERE)!r})
+import qmix_np as q
+try:
+    q.Learner(q.Config(), {{"n_agents": 2, "n_actions": 5, "obs_shape": 6, "state_shape": 4, "episode_limit": 10000}})
+except ValueError as err:
+    print(err)
+"""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "the replay buffer needs 5,100,370,000 bytes (Config.buffer_size 5000 episodes" in done.stdout, done.stdout
+
+
 def test_a_compressed_checkpoint_is_refused_before_anything_is_decompressed(tmp_path):
     _, path = saved(tmp_path)
     with np.load(path, allow_pickle=False) as data:
@@ -468,6 +487,14 @@ def test_values_beyond_float32_are_refused_where_they_enter_and_nothing_changes(
         q.train(HugeReward(payoff_2a=1.0, payoff_2b=np.ones((2, 2))), q.Config(t_max=10, batch_size=4, buffer_size=8))
 
 
+def test_save_takes_the_longest_file_name_the_system_allows(tmp_path):
+    """The temporary file has a short name of its own, so a 250-byte name is saved (and loaded)."""
+    learner, _ = saved(tmp_path)
+    path = tmp_path / ("r" * 246 + ".npz")
+    learner.save(path)
+    assert q.Learner.load(path).t_env == learner.t_env and [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
 def test_save_gives_a_new_file_the_usual_mode_and_keeps_a_replaced_files(tmp_path):
     learner, path = saved(tmp_path)
     umask = os.umask(0o022)
@@ -552,6 +579,8 @@ def bad_input_cases():
         ("mixer: unknown name", lambda l, e, g: q.get_mixer("sum"), ValueError, "mixer must be one of"),
         ("save: a folder that does not exist", lambda l, e, g: l.save(HERE / "no-such-folder" / "run.npz"), ValueError, "no-such-folder"),
         ("save: a path that is not one", lambda l, e, g: l.save(7), TypeError, "path must be a str or os.PathLike, got int"),
+        ("save: an empty path", lambda l, e, g: l.save(""), ValueError, "cannot save to '': it names a folder, not a file"),
+        ("save: a folder", lambda l, e, g: l.save(HERE / "examples"), ValueError, "it names a folder, not a file"),
         ("load: a path that is not one", lambda l, e, g: q.Learner.load(None), TypeError, "path must be a str or os.PathLike, got NoneType"),
         ("load: max_buffer_bytes not an int", lambda l, e, g: q.Learner.load(HERE / "x.npz", max_buffer_bytes=True), ValueError, "max_buffer_bytes must be an int >= 0"),
     ]
