@@ -308,13 +308,16 @@ class PettingZooEnv(MultiAgentEnv):
     def __init__(self, env, episode_limit=None, reward="sum"):
         if reward not in ("sum", "mean"):
             raise ValueError(f"reward must be 'sum' or 'mean', got {reward!r}")
+        if callable(getattr(env, "agent_iter", None)):
+            raise TypeError("this is a PettingZoo AEC env (agents take turns); make it parallel first, with "
+                            "its parallel_env() or pettingzoo.utils.aec_to_parallel(env)")
         self.env, self.reward = env, reward
         self.agents = list(env.possible_agents)
         self.n_agents = len(self.agents)
         limit = episode_limit if episode_limit is not None else self._declared_limit(env)
         self._check_sizes(("episode_limit", limit, 1))
         self.episode_limit = int(limit)
-        self.agent_actions = [int(env.action_space(agent).n) for agent in self.agents]  # Discrete(n) each
+        self.agent_actions = [self._discrete_actions(env, agent) for agent in self.agents]  # Discrete(n) each
         self.n_actions = max(self.agent_actions)
         sizes = {agent: int(np.prod(self._observation_shape(agent))) for agent in self.agents}
         if len(set(sizes.values())) != 1:
@@ -322,6 +325,14 @@ class PettingZooEnv(MultiAgentEnv):
                              "first: the agent network reads every agent's observation the same way")
         self.has_state = callable(getattr(env, "state", None))
         self.reset()
+
+    @staticmethod
+    def _discrete_actions(env, agent):
+        space = env.action_space(agent)
+        if not isinstance(getattr(space, "n", None), (int, np.integer)):
+            raise ValueError(f"agent {agent!r} has the action space {space}: QMIX needs discrete actions "
+                             "(a Discrete space)")
+        return int(space.n)
 
     @staticmethod
     def _declared_limit(env):
@@ -341,7 +352,11 @@ class PettingZooEnv(MultiAgentEnv):
                 "state_source": "env.state()" if self.has_state else "the observations, concatenated"}
 
     def reset(self, seed=None):
-        observations, infos = self.env.reset(seed=seed)
+        result = self.env.reset(seed=seed)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError("env.reset(seed) must return (observations, infos), as PettingZoo's ParallelEnv "
+                            "does since 1.22 (an older env returns the observations alone)")
+        observations, infos = self._per_agent("reset", "observations", result[0]), result[1]
         self.steps, self.done = 0, False
         self._take(observations, infos)
         return self.get_obs(), self.get_state()
@@ -350,11 +365,19 @@ class PettingZooEnv(MultiAgentEnv):
         """Keep one step's observations and action masks, in agent order."""
         masks = []
         self.observations = []
+        if not isinstance(infos, dict):
+            raise TypeError(f"the env's infos must be a dict of the agents' infos, got {type(infos).__name__}")
         for i, agent in enumerate(self.agents):
-            observation, mask = observations[agent], (infos or {}).get(agent, {}).get("action_mask")
+            observation, mask = observations[agent], (infos.get(agent) or {}).get("action_mask")
             if isinstance(observation, dict):
+                if "observation" not in observation:
+                    raise ValueError(f"agent {agent!r}'s observation is a dict without 'observation' "
+                                     f"(keys {sorted(observation)})")
                 observation, mask = observation["observation"], observation.get("action_mask", mask)
             avail = np.zeros(self.n_actions, dtype=bool)
+            if mask is not None and np.shape(mask) != (self.agent_actions[i],):
+                raise ValueError(f"agent {agent!r}'s action_mask has shape {np.shape(mask)}, but its action "
+                                 f"space has {self.agent_actions[i]} actions")
             avail[:self.agent_actions[i]] = True if mask is None else np.asarray(mask, dtype=bool)
             if self.done and not avail.any():  # after the end nobody acts; the learner wants one action
                 avail[:self.agent_actions[i]] = True
@@ -364,13 +387,16 @@ class PettingZooEnv(MultiAgentEnv):
 
     def step(self, actions):
         actions = self._begin_step(actions)
-        observations, rewards, terminations, truncations, infos = self.env.step(
-            {agent: int(action) for agent, action in zip(self.agents, actions)})
+        result = self.env.step({agent: int(action) for agent, action in zip(self.agents, actions)})
+        if not (isinstance(result, tuple) and len(result) == 5):
+            raise TypeError("env.step(actions) must return (observations, rewards, terminations, truncations, "
+                            "infos), as PettingZoo's ParallelEnv does since 1.22 (an older env returns 4)")
+        observations, rewards, terminations, truncations = (
+            self._per_agent("step", name, value) for name, value in
+            zip(("observations", "rewards", "terminations", "truncations"), result[:4]))
+        infos = result[4]
         self.steps += 1
-        missing = [agent for agent in self.agents if agent not in rewards or agent not in observations]
-        if missing:
-            raise ValueError(f"agent(s) {missing} left the episode while others play on: QMIX needs a fixed team")
-        values = [float(rewards[agent]) for agent in self.agents]
+        values = [self._reward(agent, rewards[agent]) for agent in self.agents]
         reward = float(np.sum(values) if self.reward == "sum" else np.mean(values))
         terminated = [bool(terminations[agent]) for agent in self.agents]
         truncated = any(bool(truncations[agent]) for agent in self.agents) or self.steps >= self.episode_limit
@@ -380,6 +406,24 @@ class PettingZooEnv(MultiAgentEnv):
         self.done = all(terminated) or truncated
         self._take(observations, infos)
         return reward, self.done, {"episode_limit": truncated and not all(terminated)}
+
+    def _per_agent(self, method, name, values):
+        """A dict with exactly the team's agents, or an error naming who is missing or extra."""
+        if not isinstance(values, dict):
+            raise TypeError(f"env.{method}() must give {name} as a dict by agent, got {type(values).__name__}")
+        missing = [agent for agent in self.agents if agent not in values]
+        extra = [agent for agent in values if agent not in self.agents]
+        if missing or extra:
+            raise ValueError(f"env.{method}()'s {name} " + (f"lack agent(s) {missing}" if missing else "")
+                             + (" and " if missing and extra else "") + (f"have agent(s) {extra} not in "
+                             "possible_agents" if extra else "") + ": QMIX needs a fixed team")
+        return values
+
+    @staticmethod
+    def _reward(agent, value):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"agent {agent!r}'s reward must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
 
     def get_obs(self):
         return np.stack(self.observations)  # (N, O)

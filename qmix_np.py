@@ -1397,8 +1397,12 @@ def check_env(env):
     """Refuse an object without pymarl's MultiAgentEnv methods, saying what the interface is."""
     missing = [name for name in ENV_METHODS if not callable(getattr(env, name, None))]
     if missing:
-        hint = (" It looks like a PettingZoo ParallelEnv: wrap it as envs.PettingZooEnv(env)."
-                if hasattr(env, "possible_agents") else "")
+        hint = ""
+        if hasattr(env, "possible_agents"):
+            hint = (" It looks like a PettingZoo AEC env: make it parallel (its parallel_env(), or "
+                    "pettingzoo.utils.aec_to_parallel), then wrap it as envs.PettingZooEnv(env)."
+                    if hasattr(env, "agent_iter") else
+                    " It looks like a PettingZoo ParallelEnv: wrap it as envs.PettingZooEnv(env).")
         raise TypeError(f"env lacks {missing}: qmix_np drives environments with pymarl's interface, "
                         f"{', '.join(ENV_METHODS)} (see MultiAgentEnv in envs.py, installed as "
                         f"qmix_np_envs).{hint}")

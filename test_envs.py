@@ -459,12 +459,91 @@ class OneTerminates(FakeParallelEnv):
     (lambda: envs.PettingZooEnv(FakeParallelEnv(obs_sizes=(3, 4))), "observation sizes differ"),
     (lambda: envs.PettingZooEnv(OneTerminates()).step([0, 0]), "\\['a'\\] terminated while others play on"),
     (lambda: envs.PettingZooEnv(FakeParallelEnv(), reward="max"), "reward must be 'sum' or 'mean'"),
-    (lambda: envs.PettingZooEnv(FakeParallelEnv(leave_at=1)).step([0, 0]), "left the episode while others play on"),
+    (lambda: envs.PettingZooEnv(FakeParallelEnv(leave_at=1)).step([0, 0]), "observations lack agent\\(s\\) \\['a'\\]: QMIX needs a fixed team"),
     (lambda: envs.PettingZooEnv(FakeParallelEnv(max_cycles=None)), "pass episode_limit="),
 ])
 def test_pettingzoo_adapter_refuses_what_qmix_cannot_use(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+class Changed(FakeParallelEnv):
+    """FakeParallelEnv with one thing changed: `change(name, value)` edits what reset or step returns."""
+
+    def __init__(self, change, **kwargs):
+        self.change = change
+        super().__init__(**kwargs)
+
+    def reset(self, seed=None):
+        return self.change("reset", super().reset(seed))
+
+    def step(self, actions):
+        return self.change("step", super().step(actions))
+
+
+def edit(method, index, make):
+    """A change to item `index` of what `method` returns, made by make(old value)."""
+    def change(name, result):
+        if name != method:
+            return result
+        result = list(result)
+        result[index] = make(result[index])
+        return tuple(result)
+    return change
+
+
+class AecLike(FakeParallelEnv):
+    def agent_iter(self):
+        return iter(self.possible_agents)
+
+
+class BoxActions(FakeParallelEnv):
+    def action_space(self, agent):
+        return Box((2,))
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: envs.PettingZooEnv(BoxActions()), ValueError, "agent 'b' has the action space .* QMIX needs discrete actions"),
+    (lambda: envs.PettingZooEnv(AecLike()), TypeError, "a PettingZoo AEC env .*aec_to_parallel"),
+    (lambda: envs.PettingZooEnv(Changed(lambda name, r: r[0] if name == "reset" else r)), TypeError,
+     "must return \\(observations, infos\\)"),
+    (lambda: envs.PettingZooEnv(Changed(lambda name, r: r[:4] if name == "step" else r)).step([0, 0]), TypeError,
+     "must return \\(observations, rewards, terminations, truncations, infos\\)"),
+    (lambda: envs.PettingZooEnv(Changed(edit("reset", 0, lambda o: {"b": o["b"]}))), ValueError,
+     "env.reset\\(\\)'s observations lack agent\\(s\\) \\['a'\\]"),
+    (lambda: envs.PettingZooEnv(Changed(edit("step", 2, lambda t: {"b": t["b"]}))).step([0, 0]), ValueError,
+     "terminations lack agent\\(s\\) \\['a'\\]"),
+    (lambda: envs.PettingZooEnv(Changed(edit("step", 1, lambda r: {**r, "c": 1.0}))).step([0, 0]), ValueError,
+     "rewards have agent\\(s\\) \\['c'\\] not in possible_agents"),
+    (lambda: envs.PettingZooEnv(Changed(edit("step", 4, lambda i: None))).step([0, 0]), TypeError,
+     "infos must be a dict of the agents' infos, got NoneType"),
+    (lambda: envs.PettingZooEnv(Changed(edit("reset", 0, lambda o: {k: {"obs": v} for k, v in o.items()}))), ValueError,
+     "agent 'b'.s observation is a dict without 'observation'"),
+    (lambda: envs.PettingZooEnv(Changed(edit("step", 1, lambda r: {**r, "a": None}))).step([0, 0]), TypeError,
+     "agent 'a'.s reward must be a number, got NoneType None"),
+    (lambda: envs.PettingZooEnv(Changed(edit("step", 1, lambda r: {**r, "a": "1.5"}))).step([0, 0]), TypeError,
+     "agent 'a'.s reward must be a number, got str '1.5'"),
+    (lambda: envs.PettingZooEnv(Changed(edit("step", 1, lambda r: {**r, "a": np.ones(2)}))).step([0, 0]), TypeError,
+     "agent 'a'.s reward must be a number, got ndarray"),
+    (lambda: envs.PettingZooEnv(Changed(edit("reset", 1, lambda i: {**i, "b": {"action_mask": np.array([1])}}))),
+     ValueError, "agent 'b'.s action_mask has shape \\(1,\\), but its action space has 3 actions"),
+    (lambda: envs.PettingZooEnv(Changed(edit("reset", 1, lambda i: {**i, "b": {"action_mask": np.array(1)}}))),
+     ValueError, "agent 'b'.s action_mask has shape \\(\\), but its action space has 3 actions"),
+])
+def test_pettingzoo_adapter_names_what_breaks_the_parallel_api(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_an_aec_env_passed_to_train_is_told_to_become_parallel_first():
+    class Aec:
+        possible_agents = ["a"]
+
+        def agent_iter(self):
+            return iter(self.possible_agents)
+
+    with pytest.raises(TypeError, match="a PettingZoo AEC env: make it parallel .*then wrap it as envs.PettingZooEnv"):
+        q.train(Aec(), q.Config())
 
 
 def test_pettingzoo_env_trains_and_evaluates_and_reset_seeds_pass_through():
