@@ -1011,8 +1011,9 @@ class Learner:
                     f"({grad_norm}) or the updated parameters or optimiser state are not finite; "
                     "nothing has changed (Config.on_nonfinite='skip' skips such steps instead)")
             self.skipped_steps += 1
-            warnings.warn(f"a train step was skipped: its loss, gradient norm or update is not finite "
-                          f"(Config.on_nonfinite='skip'; learner.skipped_steps counts them)", RuntimeWarning, stacklevel=2)
+            warnings.warn("a train step was skipped: its loss, gradient norm or update is not finite "
+                          "(Config.on_nonfinite='skip'; learner.skipped_steps counts them)",
+                          RuntimeWarning, stacklevel=2)
             return {"loss": loss, "grad_norm": grad_norm, "skipped": True, **diagnostics}
         self.theta[...] = new_theta
         self.optimiser.commit(new_state)
@@ -1286,7 +1287,8 @@ def _python_value(value):
 def check_config(config):
     """Every Config field against its rule; a ValueError names the first field that breaks one.
     NumPy scalars are stored as Python values."""
-    object.__setattr__(config, "adam_betas", tuple(_python_value(b) for b in _as_tuple("adam_betas", config.adam_betas)))
+    betas = tuple(_python_value(b) for b in _as_tuple("adam_betas", config.adam_betas))
+    object.__setattr__(config, "adam_betas", betas)
     for name, ok, expected in _CONFIG_RULES:
         value = getattr(config, name)
         try:
@@ -1431,7 +1433,8 @@ def check_learner_fits(learner, env, config=None):
     differ = {key: (learner.env_info[key], info[key]) for key in ENV_INFO_KEYS if learner.env_info[key] != info[key]}
     if differ:
         raise ValueError("the learner was built for another environment: " + ", ".join(
-            f"{key} {mine} in learner.env_info, {theirs} in env.get_env_info()" for key, (mine, theirs) in differ.items()))
+            f"{key} {mine} in learner.env_info, {theirs} in env.get_env_info()"
+            for key, (mine, theirs) in differ.items()))
     if config is not None:
         fields = [f.name for f in dataclasses.fields(Config)
                   if f.name != "t_max" and getattr(config, f.name) != getattr(learner.config, f.name)]

@@ -47,7 +47,8 @@ def parse_args(argv=None):
                         help="envs played in lockstep (pymarl's batch_size_run): one train step per that many episodes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if min(args.seeds, args.t_max, args.agents, args.eval_episodes, args.batch_size_run) < 1 or args.cues < 2 or args.delay < 0:
+    counts = (args.seeds, args.t_max, args.agents, args.eval_episodes, args.batch_size_run)
+    if min(counts) < 1 or args.cues < 2 or args.delay < 0:
         parser.error("--seeds, --t-max, --agents, --eval-episodes and --batch-size-run must be >= 1, --cues >= 2, "
                      "--delay >= 0")
     return args
