@@ -1870,6 +1870,11 @@ def _check_values(path, learner, arrays, rng_state):
             raise ValueError(f"{path}: entry {name!r} holds negative values (it averages squares)")
     counters = dict(zip(COUNTERS, arrays["counters"].tolist()))
     limit = learner.env_info["episode_limit"]
+    seen = counters["train_steps"] * learner.config.batch_size * limit  # at most B x T rewards per train step
+    if count > RunningMeanStd.count + seen:
+        raise ValueError(f"{path}: entry 'reward_stats' counts {count:g} rewards, but {counters['train_steps']} "
+                         f"train steps of batch_size {learner.config.batch_size} x episode_limit {limit} see at "
+                         f"most {seen}")
     if not (min(counters.values()) >= 0 and counters["train_steps"] == int(arrays["optim_t"])
             and counters["train_steps"] + counters["skipped_steps"] <= counters["episode"]
             and counters["last_target_update_episode"] <= counters["episode"]

@@ -185,6 +185,8 @@ CRAFTED = [  # (id, change to the saved arrays, re-sign?, what the refusal must 
     ("a NaN first moment", edited("optim/exp_avg", setitem(0, np.nan)), True, "entry 'optim/exp_avg' holds non-finite"),
     ("a negative reward variance", edited("reward_stats", setitem(1, -1.0)), True, "entry 'reward_stats' must be"),
     ("a NaN reward mean", edited("reward_stats", setitem(0, np.nan)), True, "entry 'reward_stats' must be"),
+    ("more rewards counted than train steps see", edited("reward_stats", setitem(2, 1e300)), True,
+     "entry 'reward_stats' counts 1e\\+300 rewards, but \\d+ train steps of batch_size 4 x episode_limit 2 see at most"),
     ("a negative counter", edited("counters", setitem(0, -5)), True, "entry 'counters' .* inconsistent"),
     ("more train steps than optimiser steps", edited("counters", setitem(2, 10**6)), True, "entry 'counters' .* inconsistent"),
     ("more env steps than episodes allow", edited("counters", setitem(0, 10**6)), True, "entry 'counters' .* inconsistent"),
