@@ -863,9 +863,11 @@ class EpisodeBuffer:
 
 @dataclass(frozen=True)
 class RunningMeanStd:
-    """The mean and variance of every reward seen by train steps so far (EPyMARL's RunningMeanStd,
-    in float64), merged batch by batch with Chan et al.'s parallel formula. Immutable: updated()
-    returns the next statistics, which the learner keeps only if its train step is taken."""
+    """The mean and variance of every reward seen by train steps so far (EPyMARL's RunningMeanStd),
+    merged batch by batch with Chan et al.'s parallel formula: each batch's moments in the batch's
+    dtype (float32 in training, as EPyMARL's torch code), the running ones in float64. Immutable:
+    updated() returns the next statistics, which the learner keeps only if its train step is
+    taken (a train step whose statistics are not finite is refused, as a non-finite loss is)."""
 
     mean: float = 0.0
     var: float = 1.0
@@ -1000,7 +1002,7 @@ class Learner:
         loss, grads, diagnostics = loss_and_grads(self.params, self.target_params, batch, c)
         grad = flat_grad(grads, self.params)  # a fresh vector: clipping it changes nothing stored
         grad_norm = clip_grad_norm(grad, c.grad_norm_clip)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(reward_stats.var)
         if finite:
             new_theta, new_state = self.optimiser.step(self.theta, grad)  # proposed: nothing changed yet
             finite = all(np.isfinite(a).all() for a in (new_theta, *new_state.values()))
@@ -1008,7 +1010,8 @@ class Learner:
             if c.on_nonfinite == "raise":
                 raise FloatingPointError(
                     f"train step {self.train_steps + 1}: the loss ({loss}), the gradient's norm "
-                    f"({grad_norm}) or the updated parameters or optimiser state are not finite; "
+                    f"({grad_norm}), the reward statistics (variance {reward_stats.var}) or the updated "
+                    "parameters or optimiser state are not finite; "
                     "nothing has changed (Config.on_nonfinite='skip' skips such steps instead)")
             self.skipped_steps += 1
             warnings.warn("a train step was skipped: its loss, gradient norm or update is not finite "

@@ -415,6 +415,21 @@ def test_a_non_finite_step_raises_and_changes_nothing(q_bias, what, finite_eleme
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
+def test_rewards_whose_statistics_overflow_are_refused_not_standardised_to_zero():
+    """Rewards near 1e20 are finite in float32, but their variance is not: the step is refused
+    (it used to standardise every reward to 0 and train on), and nothing changes."""
+    learner = small_learner("qmix", dtype="float32", standardise_rewards=True)
+    episode_batch(learner)  # stores episodes
+    learner.buffer.data["reward"][:len(learner.buffer)] *= 1e20
+    assert np.isfinite(learner.buffer.data["reward"]).all()
+    before, stats = snapshot(learner), learner.reward_stats
+    with pytest.raises(FloatingPointError, match="the reward statistics \\(variance inf\\)"):
+        learner.train_step()
+    assert_unchanged(learner, before)
+    assert learner.reward_stats == stats
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
 def test_an_update_that_would_overflow_raises_and_changes_nothing():
     """The loss and the gradient are finite, but RMSprop's first step moves each parameter by
     lr g / (sqrt(0.01 g^2) + eps), about 10 lr = 1e39: beyond float32. Nothing may change."""
