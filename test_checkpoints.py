@@ -1,6 +1,7 @@
 """Checkpoints, bad input and numerical failure: what is refused, and that nothing stored changes."""
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -442,6 +443,12 @@ def test_an_update_that_would_overflow_raises_and_changes_nothing():
     learner.config = dataclasses.replace(learner.config, on_nonfinite="skip")
     with pytest.warns(RuntimeWarning, match="a train step was skipped"):
         assert learner.train_step()["skipped"] is True and learner.skipped_steps == 1
+    learner.history = {"loss": [math.nan], "return": [0.0], "success": [False]}
+    line = io.StringIO()
+    progress = q.Progress(learner, seconds=1e-9, stream=line)
+    progress.last -= 1.0
+    progress(learner, 0.0, 1, False)
+    assert "SKIPPED 1 train steps (not finite)" in line.getvalue()
 
 
 # ------------------------------------------------------------------------------------------
@@ -510,6 +517,11 @@ def test_save_takes_the_longest_file_name_the_system_allows(tmp_path):
     path = tmp_path / ("r" * 246 + ".npz")
     learner.save(path)
     assert q.Learner.load(path).t_env == learner.t_env and [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "folder")
+    with pytest.raises(ValueError, match="it names a folder, not a file"):  # it would have replaced the link
+        learner.save(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
 
 
 def test_save_gives_a_new_file_the_usual_mode_and_keeps_a_replaced_files(tmp_path):
