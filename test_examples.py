@@ -48,6 +48,29 @@ def test_the_examples_run_from_another_folder_and_write_only_there(tmp_path):
     assert sorted(p.stat().st_mtime_ns for p in (HERE / "examples" / "results").iterdir()) == before
 
 
+def test_the_gridworld_example_keeps_earlier_files_and_refuses_contradicting_flags(tmp_path):
+    """A second run into the same folder is refused before it trains (--overwrite allows it); an
+    evaluate-only --load writes no curve; --methods must include a loaded learner's method."""
+    tiny = ["--seeds", "1", "--t-max", "200", "--eval-episodes", "5", "--curve-every", "100", "--curve-episodes", "5"]
+    first = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", *tiny, "--save", "saved")
+    assert first.returncode == 0, first.stderr
+    curve = tmp_path / "runs" / "meeting_gridworld_5x5_2agents.csv"
+    before = curve.read_bytes()
+    again = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", *tiny, "--save", "saved")
+    assert again.returncode != 0 and "already exist(s), from an earlier run" in again.stderr
+    assert "--overwrite" in again.stderr and curve.read_bytes() == before
+    evaluated = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", "--load", "saved/qmix-seed0.npz",
+                    "--t-max", "0", "--eval-episodes", "5")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert curve.read_bytes() == before and "length/shortest" in evaluated.stdout
+    other = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", "--load", "saved/qmix-seed0.npz",
+                "--methods", "vdn", "--t-max", "0")
+    assert other.returncode != 0 and "holds a QMIX learner, not one of --methods vdn" in other.stderr
+    replaced = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", *tiny, "--save", "saved", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "1 seed;" in replaced.stdout and "+-" not in replaced.stdout.split("per seed (")[0].split("method")[-1]
+
+
 def test_the_help_shows_every_default():
     for script in ("vdn_vs_qmix.py", "meeting_gridworld.py", "memory_task.py", "mpe_spread.py", "soak.py",
                    "benchmark.py"):

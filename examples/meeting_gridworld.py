@@ -19,7 +19,9 @@ is installed) under --out. Curve evaluations are not counted in the training sec
 
 --save DIR writes each trained learner to DIR/<method>-seed<seed>.npz (with its replay buffer).
 --load FILE... continues each saved learner up to --t-max env steps (nothing more if it already
-has them) and evaluates it; the grid flags must describe the environment it was trained on.
+has them: then no curve is written) and evaluates it; the grid flags must describe the
+environment it was trained on, and --methods, if given, must include its method. Files of an
+earlier run (curves, checkpoints) are replaced only with --overwrite.
 --plot CSV... trains nothing: it merges the curves of runs made separately (say, one process per
 seed with --first-seed) into one CSV and one figure, named after --grid-size and --n-agents.
 Everything is written under the current directory (--out, default runs/); the repository's
@@ -57,8 +59,9 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 def parse_args(argv=None):
     """The command line (argv, default sys.argv[1:]) as checked settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    parser.add_argument("--methods", nargs="+", default=list(NAMES), choices=list(NAMES),
-                        help="mixers to train (none = independent learners)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(NAMES),
+                        help="mixers to train (none = independent learners; None: all three, or with --load "
+                             "the loaded learners' own)")
     parser.add_argument("--seeds", type=int, default=5, help="how many seeds per method")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--t-max", type=int, default=200000, help="training env steps per seed")
@@ -88,6 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--save", metavar="DIR", help="save each trained learner in DIR")
     parser.add_argument("--load", nargs="+", metavar="FILE", help="resume / evaluate saved learners")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the curves and checkpoints of an earlier run in --out / --save")
     parser.add_argument("--plot", nargs="+", metavar="CSV",
                         help="train nothing: merge the curve CSVs of earlier runs (e.g. seeds run as "
                              "separate processes) into one CSV and figure in --out")
@@ -186,17 +191,30 @@ def run_seed(args, method, seed, learner=None):
             "agent": f"{'GRU' if learner.config.use_rnn else 'MLP'} of width {learner.config.hidden_dim}"}, monitor.curve
 
 
+def curve_paths(args):
+    """The CSV and PNG the curves go to."""
+    stem = pathlib.Path(args.out) / f"meeting_gridworld_{args.grid_size}x{args.grid_size}_{args.n_agents}agents"
+    return stem.with_suffix(".csv"), stem.with_suffix(".png")
+
+
+def refuse_to_overwrite(args, paths):
+    """Before anything runs: an earlier run's files are replaced only with --overwrite."""
+    taken = [str(path) for path in paths if path.exists()]
+    if taken and not args.overwrite:
+        sys.exit(f"{', '.join(taken)} already exist(s), from an earlier run: choose another --out (or --save), "
+                 "or pass --overwrite to replace them")
+
+
 def write_curves(args, curves):
     """curves: {(method, seed): [(env steps, success, return), ...]} -> CSV, and PNG if possible."""
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"meeting_gridworld_{args.grid_size}x{args.grid_size}_{args.n_agents}agents"
-    with open(out / f"{stem}.csv", "w", newline="") as f:
+    csv_path, png_path = curve_paths(args)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "seed", "env_steps", "greedy_success", "greedy_mean_return"])
         for (method, seed), points in curves.items():
             writer.writerows([NAMES[method], seed, *point] for point in points)
-    written = [out / f"{stem}.csv"]
+    written = [csv_path]
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -221,15 +239,26 @@ def write_curves(args, curves):
     axes[0].legend(loc="lower right")
     fig.suptitle(f"Meeting Gridworld {args.grid_size}x{args.grid_size}, {args.n_agents} agents")
     fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=110)
-    return written + [out / f"{stem}.png"]
+    fig.savefig(png_path, dpi=110)
+    return written + [png_path]
 
 
 def mean_std(values, scale=1.0, digits=2):
-    """'mean +- std' over seeds, ignoring seeds where the value is undefined (NaN)."""
+    """'mean +- std' over seeds (the value alone for one seed), ignoring undefined values (NaN)."""
     values = np.asarray(values, dtype=float) * scale
     values = values[~np.isnan(values)]
-    return f"{values.mean():.{digits}f} +- {values.std():.{digits}f}" if values.size else "n/a"
+    if values.size < 2:
+        return f"{values[0]:.{digits}f}" if values.size else "n/a"
+    return f"{values.mean():.{digits}f} +- {values.std():.{digits}f}"
+
+
+def plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def ratio_text(ratio):
+    """length / shortest, or n/a when no episode succeeded."""
+    return "n/a" if np.isnan(ratio) else f"{ratio:.3f}"
 
 
 def json_number(value):
@@ -243,7 +272,7 @@ def print_summary(args, results, written):
           f"{args.max_steps}-step limit, observations: own position and goal"
           f"{' and the other agents' if args.observe_others else ''}, agent "
           f"{' / '.join(agents)}. {args.t_max:,} training env steps "
-          f"per seed, {max(len(r) for r in results.values())} seeds; greedy evaluation on "
+          f"per seed, {plural(max(len(r) for r in results.values()), 'seed')}; greedy evaluation on "
           f"{args.eval_episodes} fresh episodes per seed.")
     print(f"\n{'method':<8}{'success %':>18}{'return':>16}{'length':>16}{'length/shortest':>20}"
           f"{'train s/seed':>14}{'train episodes':>16}{'last 100 train %':>20}")
@@ -256,7 +285,7 @@ def print_summary(args, results, written):
               f"{mean_std([r['train_success_last_100'] for r in runs], 100, 1):>20}")
     print("\nper seed (success %, length/shortest, train s):")
     for method, runs in results.items():
-        cells = [f"{r['success_rate']:.1%} {r['optimality_ratio']:.3f} {r['train_seconds']:.0f}s" for r in runs]
+        cells = [f"{r['success_rate']:.1%} {ratio_text(r['optimality_ratio'])} {r['train_seconds']:.0f}s" for r in runs]
         print(f"  {NAMES[method]:<6}" + " | ".join(cells))
     print("\nwrote " + ", ".join(str(p) for p in written))
 
@@ -265,12 +294,16 @@ def jobs(args):
     """(method, seed, learner or None) for every run: fresh ones, or the --load files."""
     if not args.load:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
-        return [(method, seed, None) for method in args.methods for seed in seeds]
+        return [(method, seed, None) for method in args.methods or list(NAMES) for seed in seeds]
     env_info = make_env(args).get_env_info()
     try:
         loaded = [q.Learner.load(path, env_info=env_info) for path in args.load]
     except (OSError, ValueError) as err:
         sys.exit(f"--load: {err}")
+    for path, learner in zip(args.load, loaded):
+        if args.methods is not None and learner.config.mixer not in args.methods:
+            sys.exit(f"--load: {path} holds a {NAMES[learner.config.mixer]} learner, not one of --methods "
+                     f"{' '.join(args.methods)}")
     return [(learner.config.mixer, learner.config.seed, learner) for learner in loaded]
 
 
@@ -303,13 +336,18 @@ def main():
             curves = read_curves(args.plot)
         except (OSError, ValueError) as err:
             sys.exit(f"--plot: {err}")
+        refuse_to_overwrite(args, curve_paths(args))
         print("wrote " + ", ".join(map(str, write_curves(args, curves))))
         return
+    todo = jobs(args)
+    evaluate_only = args.load and all(learner.t_env >= args.t_max for _, _, learner in todo)
+    saves = [pathlib.Path(args.save) / f"{method}-seed{seed}.npz" for method, seed, _ in todo] if args.save else []
+    refuse_to_overwrite(args, saves + ([] if evaluate_only else list(curve_paths(args))))
     results, curves = {}, {}
-    for method, seed, learner in jobs(args):
+    for method, seed, learner in todo:
         result, curves[method, seed] = run_seed(args, method, seed, learner)
         results.setdefault(method, []).append(result)
-    written = write_curves(args, curves)
+    written = [] if evaluate_only else write_curves(args, curves)  # nothing trained: no curve to write
     if args.json:
         keys = ("success_rate", "mean_return", "mean_length", "optimality_ratio", "train_seconds",
                 "train_episodes", "train_success_last_100")

@@ -68,7 +68,7 @@ def run(args, use_rnn):
     rates, start = [], time.perf_counter()
     for seed in range(args.seeds):
         train_envs = [envs.CueRecall(args.agents, args.cues, args.delay) for _ in range(args.batch_size_run)]
-        learner = q.train(train_envs, make_config(args, use_rnn, seed))
+        learner = q.train(train_envs, make_config(args, use_rnn, seed), progress=True)  # a line to stderr every 5 s
         env = envs.CueRecall(args.agents, args.cues, args.delay)
         rates.append(q.evaluate(env, learner, args.eval_episodes, seed=EVAL_SEED)["mean_return"])
     return rates, (time.perf_counter() - start) / args.seeds

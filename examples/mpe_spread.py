@@ -55,6 +55,7 @@ def parse_args(argv=None):
                         help="envs played in lockstep (EPyMARL's default runner: 1 env, one train step per episode)")
     parser.add_argument("--out", default="runs", help="folder for the curves (CSV, PNG)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's curves in --out")
     args = parser.parse_args(argv)
     if min(args.seeds, args.t_max, args.eval_episodes, args.curve_every, args.batch_size_run) < 1:
         parser.error("--seeds, --t-max, --eval-episodes, --curve-every and --batch-size-run must be at least 1")
@@ -131,7 +132,8 @@ def run(method, seed, args):
     env, curve, start = make_env(), [], time.perf_counter()
     train_envs, learner = [make_env() for _ in range(args.batch_size_run)], None
     for t_max in [*range(args.curve_every, args.t_max, args.curve_every), args.t_max]:
-        learner = q.train(train_envs, make_config(method, seed, t_max, args.batch_size_run), learner=learner)
+        learner = q.train(train_envs, make_config(method, seed, t_max, args.batch_size_run), learner=learner,
+                          progress=True)  # a line to stderr every 5 s
         curve.append((learner.t_env, *greedy_returns(env, learner, args.eval_episodes)))
     return curve, time.perf_counter() - start
 
@@ -164,6 +166,10 @@ def write_curves(args, curves):
 
 def main():
     args = parse_args()
+    taken = [str(p) for p in (pathlib.Path(args.out) / "mpe_spread.csv", pathlib.Path(args.out) / "mpe_spread.png")
+             if p.exists() and not args.json]
+    if taken and not args.overwrite:
+        sys.exit(f"{', '.join(taken)} already exist(s), from an earlier run: choose another --out, or pass --overwrite")
     floor = random_returns(make_env(), args.eval_episodes)
     results, curves = {}, {}
     for method in args.methods:
@@ -180,7 +186,8 @@ def main():
     print(f"  random   {floor[0]:8.2f}           [{floor[1]:8.2f}]")
     for method, rs in results.items():
         finals, paper = np.array([r for r, _, _ in rs]), np.array([p for _, p, _ in rs])
-        print(f"  {method:<5} {finals.mean():8.2f} +- {finals.std():5.2f}  [{paper.mean():8.2f} +- {paper.std():5.2f}]"
+        spread = (lambda x: f" +- {x.std():5.2f}") if len(finals) > 1 else (lambda x: "")  # no spread of one seed
+        print(f"  {method:<5} {finals.mean():8.2f}{spread(finals)}  [{paper.mean():8.2f}{spread(paper)}]"
               f"   per seed: {', '.join(f'{r:.2f}' for r in finals)}   ({np.mean([s for _, _, s in rs]):.0f} s per seed)")
     print("wrote " + ", ".join(str(p) for p in written))
 
