@@ -706,13 +706,18 @@ def pack(tree):
     """
     arrays = [a for inner in tree.values() for a in inner.values()]
     vector = np.concatenate([a.ravel() for a in arrays]).astype(np.result_type(*arrays))
+    return vector, views_of(vector, tree)
+
+
+def views_of(vector, like):
+    """{group: {name: view}}: `vector` cut into the tensors of the tree `like`, in pack()'s order."""
     views, offset = {}, 0
-    for group, inner in tree.items():
+    for group, inner in like.items():
         views[group] = {}
         for name, a in inner.items():
             views[group][name] = vector[offset: offset + a.size].reshape(a.shape)
             offset += a.size
-    return vector, views
+    return views
 
 
 def flat_grad(grads, like):
@@ -1954,3 +1959,99 @@ def _restore(learner, arrays, rng_state):
             learner.buffer.data[key][...] = arrays[f"buffer/{key}"]
         learner.buffer.size, learner.buffer.next_index = (int(v) for v in arrays["buffer_position"])
     learner.history = {k: arrays[f"history/{k}"].tolist() for k in HISTORY_KEYS}
+
+
+# --- EPyMARL's and pymarl's model files (agent.th, mixer.th, opt.th), through torch (optional).
+# The parameters already carry their names, so the files are their state_dicts as they stand.
+
+
+def _torch_optimiser(torch, learner, parameters):
+    c = learner.config
+    if c.optimizer == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=c.lr, alpha=c.optim_alpha, eps=c.optim_eps)
+    return torch.optim.Adam(parameters, lr=c.lr, betas=c.adam_betas, eps=c.adam_eps)
+
+
+def save_epymarl(learner, folder):
+    """Write the learner as EPyMARL's (and pymarl's) save_models writes a run: folder/<t_env>/
+    with agent.th (the agent's state_dict), mixer.th (the mixer's; empty for VDN, none for
+    independent learners) and opt.th (the optimiser's, over the agent's then the mixer's
+    parameters, as their learners list them). Their checkpoint_path=folder then continues the
+    run there. Needs torch; one agent network shared by all agents (their BasicMAC). Returns the
+    step folder."""
+    import torch  # optional: only this bridge needs it
+
+    if not learner.config.shared_agent:
+        raise ValueError("EPyMARL's and pymarl's BasicMAC share one agent network: save_epymarl needs "
+                         "Config.shared_agent True")
+    step_folder = _as_path(folder) / str(learner.t_env)
+    step_folder.mkdir(parents=True, exist_ok=True)
+    tensors = {group: {name: torch.from_numpy(array.copy()) for name, array in inner.items()}
+               for group, inner in learner.params.items()}
+    torch.save(tensors["agent"], step_folder / "agent.th")
+    if learner.config.mixer != "none":
+        torch.save(tensors["mixer"], step_folder / "mixer.th")
+    parameters = [torch.nn.Parameter(t) for inner in tensors.values() for t in inner.values()]
+    optimiser = _torch_optimiser(torch, learner, parameters)
+    moments = {key: views_of(vector, learner.params) for key, vector in learner.optimiser.state.items()}
+    names = [(group, name) for group, inner in learner.params.items() for name in inner]
+    for parameter, (group, name) in zip(parameters, names):
+        optimiser.state[parameter] = {"step": torch.tensor(float(learner.optimiser.t)),
+                                      **{key: torch.from_numpy(m[group][name].copy()) for key, m in moments.items()}}
+    torch.save(optimiser.state_dict(), step_folder / "opt.th")
+    return step_folder
+
+
+def load_epymarl(folder, config, env_info):
+    """A Learner with the parameters (and, if opt.th is there, the optimiser's state) of model
+    files written by EPyMARL's or pymarl's save_models, or by save_epymarl: `folder` holds
+    agent.th, or numbered step folders (the largest is read, as their load_step=0 does). Read
+    with torch.load(weights_only=True), no pickled code; every tensor's name, shape and value is
+    checked against what `config` and `env_info` build. Targets start equal to the parameters, as
+    their load_models makes them."""
+    import torch  # optional: only this bridge needs it
+
+    folder = _as_path(folder)
+    if not (folder / "agent.th").exists():
+        steps = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+        if not steps:
+            raise ValueError(f"{folder} holds neither agent.th nor numbered step folders of model files")
+        folder = max(steps, key=lambda p: int(p.name))
+    learner = Learner(config, env_info)
+    files = {"agent": folder / "agent.th", "mixer": folder / "mixer.th"}
+    for group, path in files.items():
+        if group == "mixer" and config.mixer == "none":
+            continue
+        state = torch.load(path, weights_only=True)
+        expected = learner.params[group]
+        if set(state) != set(expected):
+            raise ValueError(f"{path}: its keys {sorted(state)} are not this config's {sorted(expected)}")
+        for name, array in expected.items():
+            value = state[name].detach().cpu().numpy()
+            if value.shape != array.shape or not np.isfinite(value).all():
+                raise ValueError(f"{path}: {name!r} must be finite of shape {array.shape}, got {value.shape}")
+            array[...] = value
+    if (folder / "opt.th").exists():
+        _load_optimiser(torch, learner, folder / "opt.th")
+    learner.update_targets()
+    return learner
+
+
+def _load_optimiser(torch, learner, path):
+    """opt.th's per-parameter moments and step count into the learner's optimiser, checked."""
+    state = torch.load(path, weights_only=True)["state"]
+    names = [(group, name) for group, inner in learner.params.items() for name in inner]
+    if sorted(state) != list(range(len(names))):
+        raise ValueError(f"{path}: state for {len(state)} parameters, this config has {len(names)}")
+    moments = {key: views_of(vector, learner.params) for key, vector in learner.optimiser.state.items()}
+    steps = set()
+    for index, (group, name) in enumerate(names):
+        for key, m in moments.items():
+            value = state[index][key].detach().cpu().numpy()
+            if value.shape != m[group][name].shape or not np.isfinite(value).all():
+                raise ValueError(f"{path}: {key} of parameter {index} must be finite of shape {m[group][name].shape}")
+            m[group][name][...] = value
+        steps.add(int(state[index]["step"]))
+    if len(steps) != 1:
+        raise ValueError(f"{path}: the parameters' step counts differ: {sorted(steps)}")
+    learner.optimiser.t = steps.pop()

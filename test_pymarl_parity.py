@@ -306,3 +306,62 @@ def test_three_steps_equal_pymarls_qlearner(mixer, layers, shared, double_q, opt
         for name, b in mixer_t.named_parameters():
             np.testing.assert_allclose(learner.params["mixer"][name], b.detach().numpy(), rtol=PARITY,
                                        atol=PARITY * 1e-2, err_msg=f"mixer {name}")
+
+
+# ------------------------------------------------------------------------------------------
+# The bridge to EPyMARL's and pymarl's model files
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixer,use_rnn,optimizer", [("qmix", True, "adam"), ("qmix", False, "rmsprop"),
+                                                      ("vdn", True, "adam"), ("none", True, "adam")])
+def test_model_files_load_into_pymarls_modules_and_come_back_bit_for_bit(tmp_path, mixer, use_rnn, optimizer):
+    """save_epymarl writes agent.th, mixer.th and opt.th in the folder layout of their runs; the
+    files load into RNNAgent, QMixer and torch's optimiser with strict=True, and load_epymarl reads
+    them back: parameters, targets and the optimiser's state equal to the last bit."""
+    env_info = {"n_agents": 3, "n_actions": 4, "obs_shape": 5, "state_shape": 6, "episode_limit": 8}
+    config = q.Config(mixer=mixer, use_rnn=use_rnn, optimizer=optimizer, hidden_dim=8, mixing_embed_dim=4,
+                      hypernet_embed=5, batch_size=4, buffer_size=10)
+    learner = q.Learner(config, env_info)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        learner.buffer.insert({"obs": rng.normal(size=(9, 3, 5)), "state": rng.normal(size=(9, 6)),
+                               "avail_actions": np.ones((9, 3, 4), bool), "actions": rng.integers(0, 4, (8, 3)),
+                               "reward": rng.normal(size=8), "terminated": np.arange(8) == 7})
+    for _ in range(3):
+        learner.train_step()
+    learner.t_env = 1234
+    step_folder = q.save_epymarl(learner, tmp_path / "models" / "qmix_np")
+    assert step_folder == tmp_path / "models" / "qmix_np" / "1234"
+    assert sorted(p.name for p in step_folder.iterdir()) == sorted(
+        ["agent.th", "opt.th"] + (["mixer.th"] if mixer != "none" else []))
+
+    agent = RNNAgent(5 + 4 + 3, 8, 4, use_rnn)
+    agent.load_state_dict(torch.load(step_folder / "agent.th", weights_only=True), strict=True)
+    parameters = list(agent.parameters())
+    if mixer == "qmix":
+        module = QMixer(3, 6, 4, config.hypernet_layers, 5)
+        module.load_state_dict(torch.load(step_folder / "mixer.th", weights_only=True), strict=True)
+        parameters += list(module.parameters())
+    if mixer == "vdn":
+        assert torch.load(step_folder / "mixer.th", weights_only=True) == {}  # VDNMixer has no parameters
+    optimiser = (torch.optim.RMSprop if optimizer == "rmsprop" else torch.optim.Adam)(parameters, lr=config.lr)
+    optimiser.load_state_dict(torch.load(step_folder / "opt.th", weights_only=True))
+    assert all(float(s["step"]) == 3 for s in optimiser.state.values())
+
+    back = q.load_epymarl(tmp_path / "models" / "qmix_np", config, env_info)
+    np.testing.assert_array_equal(back.theta, learner.theta)
+    np.testing.assert_array_equal(back.target_theta, learner.theta)  # their load_models copies the targets
+    for key, value in learner.optimiser.state.items():
+        np.testing.assert_array_equal(back.optimiser.state[key], value, err_msg=key)
+    assert back.optimiser.t == 3
+
+
+def test_model_files_of_another_shape_are_refused_naming_the_file(tmp_path):
+    env_info = {"n_agents": 2, "n_actions": 3, "obs_shape": 4, "state_shape": 5, "episode_limit": 6}
+    learner = q.Learner(q.Config(hidden_dim=8), env_info)
+    q.save_epymarl(learner, tmp_path)
+    with pytest.raises(ValueError, match="agent.th: 'fc1.weight' must be finite of shape \\(16, 9\\)"):
+        q.load_epymarl(tmp_path, q.Config(hidden_dim=16), env_info)
+    with pytest.raises(ValueError, match="neither agent.th nor numbered step folders"):
+        q.load_epymarl(tmp_path / "0" / "agent.th", q.Config(hidden_dim=8), env_info)
