@@ -1181,7 +1181,8 @@ def train(envs, config, learner=None, callback=None, progress=False):
 def evaluate(env, learner, n_episodes, seed):
     """Greedy play on n_episodes fresh episodes with reset seeds seed, seed + 1, ...
 
-    Returns mean_return, success_rate (terminated before the time limit), mean_length, and,
+    Returns mean_return, success_rate (terminated before the time limit: for an env whose
+    episodes only ever end at the limit it is 0 and says nothing), mean_length, and,
     if the env defines optimal_length() (the shortest possible length of the current episode),
     optimality_ratio: the mean of length / optimal_length over successful episodes.
     """

@@ -66,6 +66,9 @@ def test_the_gridworld_example_keeps_earlier_files_and_refuses_contradicting_fla
     other = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", "--load", "saved/qmix-seed0.npz",
                 "--methods", "vdn", "--t-max", "0")
     assert other.returncode != 0 and "holds a QMIX learner, not one of --methods vdn" in other.stderr
+    bigger = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", "--load", "saved/qmix-seed0.npz",
+                 "--grid-size", "7", "--t-max", "0")
+    assert bigger.returncode != 0 and "was trained with --grid-size 5 (not 7)" in bigger.stderr
     replaced = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", *tiny, "--save", "saved", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert "1 seed;" in replaced.stdout and "+-" not in replaced.stdout.split("per seed (")[0].split("method")[-1]

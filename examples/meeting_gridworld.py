@@ -17,7 +17,8 @@ is installed) under --out. Curve evaluations are not counted in the training sec
     python examples/meeting_gridworld.py --load runs/qmix-seed0.npz --t-max 80000  # resume to 80k
     python examples/meeting_gridworld.py --load runs/qmix-seed0.npz --t-max 0      # evaluate only
 
---save DIR writes each trained learner to DIR/<method>-seed<seed>.npz (with its replay buffer).
+--save DIR writes each trained learner to DIR/<method>-seed<seed>.npz (with its replay buffer),
+and beside it a .json of the grid flags it was trained with, which --load compares.
 --load FILE... continues each saved learner up to --t-max env steps (nothing more if it already
 has them: then no curve is written) and evaluates it; the grid flags must describe the
 environment it was trained on, and --methods, if given, must include its method. Files of an
@@ -181,8 +182,10 @@ def run_seed(args, method, seed, learner=None):
     learner = q.train(envs_, config, learner=learner, callback=monitor)
     monitor.add_curve_point(learner)
     if args.save:
-        pathlib.Path(args.save).mkdir(parents=True, exist_ok=True)
-        learner.save(pathlib.Path(args.save) / f"{method}-seed{seed}.npz")
+        path = pathlib.Path(args.save) / f"{method}-seed{seed}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        learner.save(path)
+        path.with_suffix(".json").write_text(json.dumps(env_settings(args)))  # what --load will compare
     train_seconds = time.perf_counter() - start - monitor.eval_seconds
     result = q.evaluate(make_env(args), learner, args.eval_episodes, EVAL_SEED)
     recent = float(np.mean(monitor.recent)) if monitor.recent else float("nan")
@@ -290,6 +293,13 @@ def print_summary(args, results, written):
     print("\nwrote " + ", ".join(str(p) for p in written))
 
 
+ENV_FLAGS = ("grid_size", "n_agents", "max_steps", "observe_others")  # what the env is made of
+
+
+def env_settings(args):
+    return {name: getattr(args, name) for name in ENV_FLAGS}
+
+
 def jobs(args):
     """(method, seed, learner or None) for every run: fresh ones, or the --load files."""
     if not args.load:
@@ -301,6 +311,12 @@ def jobs(args):
     except (OSError, ValueError) as err:
         sys.exit(f"--load: {err}")
     for path, learner in zip(args.load, loaded):
+        saved = pathlib.Path(path).with_suffix(".json")
+        trained_on = json.loads(saved.read_text()) if saved.exists() else env_settings(args)
+        differ = [f"--{name.replace('_', '-')} {trained_on[name]} (not {getattr(args, name)})"
+                  for name in ENV_FLAGS if trained_on.get(name) != getattr(args, name)]
+        if differ:
+            sys.exit(f"--load: {path} was trained with {', '.join(differ)}: give the flags it was trained with")
         if args.methods is not None and learner.config.mixer not in args.methods:
             sys.exit(f"--load: {path} holds a {NAMES[learner.config.mixer]} learner, not one of --methods "
                      f"{' '.join(args.methods)}")
@@ -341,7 +357,8 @@ def main():
         return
     todo = jobs(args)
     evaluate_only = args.load and all(learner.t_env >= args.t_max for _, _, learner in todo)
-    saves = [pathlib.Path(args.save) / f"{method}-seed{seed}.npz" for method, seed, _ in todo] if args.save else []
+    saves = [pathlib.Path(args.save) / f"{method}-seed{seed}{suffix}" for method, seed, _ in todo
+             for suffix in (".npz", ".json")] if args.save else []
     refuse_to_overwrite(args, saves + ([] if evaluate_only else list(curve_paths(args))))
     results, curves = {}, {}
     for method, seed, learner in todo:
