@@ -51,7 +51,8 @@ def test_the_examples_run_from_another_folder_and_write_only_there(tmp_path):
 def test_the_gridworld_example_keeps_earlier_files_and_refuses_contradicting_flags(tmp_path):
     """A second run into the same folder is refused before it trains (--overwrite allows it); an
     evaluate-only --load writes no curve; --methods must include a loaded learner's method."""
-    tiny = ["--seeds", "1", "--t-max", "200", "--eval-episodes", "5", "--curve-every", "100", "--curve-episodes", "5"]
+    tiny = ["--seeds", "1", "--t-max", "200", "--eval-episodes", "5", "--curve-every", "100",
+            "--curve-episodes", "5"]
     first = run(tmp_path, HERE / "examples" / "meeting_gridworld.py", *tiny, "--save", "saved")
     assert first.returncode == 0, first.stderr
     curve = tmp_path / "runs" / "meeting_gridworld_5x5_2agents.csv"
@@ -138,3 +139,29 @@ def test_the_readmes_own_environment_example_trains_and_prints_its_result(tmp_pa
     result = run(tmp_path, script)
     assert result.returncode == 0, result.stderr
     assert "greedy success" in result.stdout
+
+
+def test_an_editable_install_exposes_qmix_np_and_qmix_np_envs_only(tmp_path):
+    """pip install -e puts only the two modules on sys.path (hatchling's dev-mode-exact), not the
+    repository root, whose envs.py, conftest.py and tests would shadow other packages' names."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "editables", "-e", str(HERE)],
+                             capture_output=True, text=True)  # editables: the install's import hook; numpy skipped
+    if install.returncode != 0 and "Could not" in install.stderr + install.stdout:
+        pytest.skip(f"the build requirements could not be fetched: {install.stderr.strip()[-200:]}")
+    assert install.returncode == 0, install.stderr
+    found = subprocess.run([str(python), "-c", "import importlib.util as u; print([u.find_spec(m) is not None "
+                            "for m in ('qmix_np', 'qmix_np_envs', 'envs', 'conftest', 'test_qmix_np')])"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert found.stdout.strip() == "[True, True, False, False, False]", found.stderr
+
+
+def test_the_gridworld_summary_words_one_seed_and_no_success():
+    spec = importlib.util.spec_from_file_location("meeting_gridworld", HERE / "examples" / "meeting_gridworld.py")
+    gridworld = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gridworld)
+    assert gridworld.mean_std([0.5]) == "0.50" and gridworld.mean_std([0.5, 1.5]) == "1.00 +- 0.50"
+    assert gridworld.mean_std([float("nan")]) == "n/a" and gridworld.ratio_text(float("nan")) == "n/a"
+    assert gridworld.plural(1, "seed") == "1 seed" and gridworld.plural(5, "seed") == "5 seeds"
