@@ -120,7 +120,8 @@ def test_benchmark_runs_and_reports_every_part_as_json():
         (dict(N=3, O=2, A=4, S=5, B=6, T=3), "gru"), (dict(N=3, O=2, A=4, S=5, B=6, T=3), "mlp")]
     timed = [*report["train_step"], report["greedy_actions_2_agents"]]
     assert all(0 < t["p10_us"] <= t["median_us"] <= t["p90_us"] for t in timed)
-    assert [(t["agent"], t["batch_size_run"]) for t in report["training"]] == [("gru", 1), ("gru", 2), ("mlp", 1), ("mlp", 2)]
+    assert [(t["agent"], t["batch_size_run"]) for t in report["training"]] == [
+        ("gru", 1), ("gru", 2), ("mlp", 1), ("mlp", 2)]
     for training in report["training"]:
         assert training["env_steps"] >= 300 and training["env_steps_per_s"] > 0 and training["train_steps"] >= 0
         assert training["episodes"] % training["batch_size_run"] == 0
