@@ -1163,7 +1163,8 @@ def train(envs, config, learner=None, callback=None, progress=False):
     envs = check_train_arguments(envs, config, callback, progress)
     if learner is None:
         learner = Learner(config, envs[0].get_env_info())
-    check_learner_fits(learner, envs[0], config)
+    else:
+        check_learner_fits(learner, envs[0], config)
     learner.config = config
     callbacks = [callback] if callback is not None else []
     if progress:
@@ -1433,6 +1434,12 @@ def check_finite_q(q):
                                  "parameters overflow, or diverged): no action can be chosen from them")
 
 
+def config_differences(config, other):
+    """The fields, t_max aside, in which two configs differ: a run continues only where they are none."""
+    return [f.name for f in dataclasses.fields(Config)
+            if f.name != "t_max" and getattr(config, f.name) != getattr(other, f.name)]
+
+
 def check_learner_fits(learner, env, config=None):
     """The learner was built for this env's get_env_info(), and `config` (to continue it) differs
     from its config in t_max only; a ValueError names what differs."""
@@ -1445,8 +1452,7 @@ def check_learner_fits(learner, env, config=None):
             f"{key} {mine} in learner.env_info, {theirs} in env.get_env_info()"
             for key, (mine, theirs) in differ.items()))
     if config is not None:
-        fields = [f.name for f in dataclasses.fields(Config)
-                  if f.name != "t_max" and getattr(config, f.name) != getattr(learner.config, f.name)]
+        fields = config_differences(config, learner.config)
         if fields:
             raise ValueError(f"config must equal learner.config except for t_max; it differs in {fields}")
 
@@ -1858,8 +1864,7 @@ def _checked_settings(path, text, env_info, config):
     if config is not None:
         if not isinstance(config, Config):
             raise TypeError(f"config must be a Config, got {type(config).__name__}")
-        differ = [f.name for f in dataclasses.fields(Config)
-                  if f.name != "t_max" and getattr(config, f.name) != getattr(saved_config, f.name)]
+        differ = config_differences(config, saved_config)
         if differ:
             raise ValueError(f"{path}: the checkpoint's config differs in {differ}")
     return saved_config, saved_env_info
@@ -1966,6 +1971,14 @@ def _restore(learner, arrays, rng_state):
 # The parameters already carry their names, so the files are their state_dicts as they stand.
 
 
+def _optimiser_moments(learner):
+    """Per parameter, in torch's order (the agent's, then the mixer's): {state name: view into
+    the learner's optimiser state}."""
+    views = {key: views_of(vector, learner.params) for key, vector in learner.optimiser.state.items()}
+    return [{key: views[key][group][name] for key in views}
+            for group, inner in learner.params.items() for name in inner]
+
+
 def _torch_optimiser(torch, learner, parameters):
     c = learner.config
     if c.optimizer == "rmsprop":
@@ -1994,11 +2007,9 @@ def save_epymarl(learner, folder):
         torch.save(tensors["mixer"], step_folder / "mixer.th")
     parameters = [torch.nn.Parameter(t) for inner in tensors.values() for t in inner.values()]
     optimiser = _torch_optimiser(torch, learner, parameters)
-    moments = {key: views_of(vector, learner.params) for key, vector in learner.optimiser.state.items()}
-    names = [(group, name) for group, inner in learner.params.items() for name in inner]
-    for parameter, (group, name) in zip(parameters, names):
+    for parameter, moments in zip(parameters, _optimiser_moments(learner)):
         optimiser.state[parameter] = {"step": torch.tensor(float(learner.optimiser.t)),
-                                      **{key: torch.from_numpy(m[group][name].copy()) for key, m in moments.items()}}
+                                      **{key: torch.from_numpy(view.copy()) for key, view in moments.items()}}
     torch.save(optimiser.state_dict(), step_folder / "opt.th")
     return step_folder
 
@@ -2041,17 +2052,16 @@ def load_epymarl(folder, config, env_info):
 def _load_optimiser(torch, learner, path):
     """opt.th's per-parameter moments and step count into the learner's optimiser, checked."""
     state = torch.load(path, weights_only=True)["state"]
-    names = [(group, name) for group, inner in learner.params.items() for name in inner]
-    if sorted(state) != list(range(len(names))):
-        raise ValueError(f"{path}: state for {len(state)} parameters, this config has {len(names)}")
-    moments = {key: views_of(vector, learner.params) for key, vector in learner.optimiser.state.items()}
+    per_parameter = _optimiser_moments(learner)
+    if sorted(state) != list(range(len(per_parameter))):
+        raise ValueError(f"{path}: state for {len(state)} parameters, this config has {len(per_parameter)}")
     steps = set()
-    for index, (group, name) in enumerate(names):
-        for key, m in moments.items():
+    for index, moments in enumerate(per_parameter):
+        for key, view in moments.items():
             value = state[index][key].detach().cpu().numpy()
-            if value.shape != m[group][name].shape or not np.isfinite(value).all():
-                raise ValueError(f"{path}: {key} of parameter {index} must be finite of shape {m[group][name].shape}")
-            m[group][name][...] = value
+            if value.shape != view.shape or not np.isfinite(value).all():
+                raise ValueError(f"{path}: {key} of parameter {index} must be finite of shape {view.shape}")
+            view[...] = value
         steps.add(int(state[index]["step"]))
     if len(steps) != 1:
         raise ValueError(f"{path}: the parameters' step counts differ: {sorted(steps)}")
