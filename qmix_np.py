@@ -50,6 +50,7 @@ import pathlib
 import sys
 import tempfile
 import time
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -1703,7 +1704,7 @@ def _read_headers(path, archive):
                                (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(member)]
                 shape, fortran_order, dtype = read_header(member)  # a header of at most 10,000 bytes
                 header_bytes = member.tell()
-        except (ValueError, KeyError, EOFError) as err:
+        except (ValueError, KeyError, EOFError, tokenize.TokenError) as err:  # TokenError: an unbalanced header
             raise ValueError(f"{path}: entry {name!r} has no .npy header as save() writes ({err!r})") from None
         if dtype.hasobject or fortran_order:
             what = "Python objects" if dtype.hasobject else "a Fortran-order array"

@@ -326,6 +326,18 @@ except ValueError as err:
     assert "the replay buffer needs 5,100,370,000 bytes (Config.buffer_size 5000 episodes" in done.stdout, done.stdout
 
 
+def test_a_header_with_unbalanced_brackets_is_a_value_error(tmp_path):
+    """NumPy's header reader tokenizes the header, and an unclosed bracket raised tokenize.TokenError
+    (found by random byte edits); it is a ValueError naming the entry like any other broken header."""
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3, }"
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    member = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(12)
+    with zipfile.ZipFile(tmp_path / "run.npz", "w") as archive:
+        archive.writestr("theta.npy", member)
+    with pytest.raises(ValueError, match="entry 'theta' has no .npy header as save\\(\\) writes"):
+        q.Learner.load(tmp_path / "run.npz")
+
+
 def test_a_compressed_checkpoint_is_refused_before_anything_is_decompressed(tmp_path):
     _, path = saved(tmp_path)
     with np.load(path, allow_pickle=False) as data:
