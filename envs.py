@@ -300,18 +300,22 @@ class PettingZooEnv(MultiAgentEnv):
       the largest action space get the rest marked unavailable.
     - The team reward: the sum of the agents' rewards, or their mean (reward="mean").
     - terminated when every agent terminated; a truncation, or reaching episode_limit, ends the
-      episode with info["episode_limit"] True (a time limit, never terminal).
+      episode with info["episode_limit"] True (a time limit, bootstrapped as pymarl does for SMAC),
+      or with truncation="terminal" as a terminal step (EPyMARL's gym and PettingZoo wrappers:
+      their runner stores `terminated or truncated` as terminal).
     - episode_limit: the argument, else the env's max_cycles (MPE's name) or episode_limit.
     - QMIX needs a fixed team: an agent that terminates or leaves while others play on is refused.
     """
 
-    def __init__(self, env, episode_limit=None, reward="sum"):
+    def __init__(self, env, episode_limit=None, reward="sum", truncation="episode_limit"):
         if reward not in ("sum", "mean"):
             raise ValueError(f"reward must be 'sum' or 'mean', got {reward!r}")
+        if truncation not in ("episode_limit", "terminal"):
+            raise ValueError(f"truncation must be 'episode_limit' or 'terminal', got {truncation!r}")
         if callable(getattr(env, "agent_iter", None)):
             raise TypeError("this is a PettingZoo AEC env (agents take turns); make it parallel first, with "
                             "its parallel_env() or pettingzoo.utils.aec_to_parallel(env)")
-        self.env, self.reward = env, reward
+        self.env, self.reward, self.truncation = env, reward, truncation
         self.agents = list(env.possible_agents)
         self.n_agents = len(self.agents)
         limit = episode_limit if episode_limit is not None else self._declared_limit(env)
@@ -405,7 +409,8 @@ class PettingZooEnv(MultiAgentEnv):
             raise ValueError(f"agent(s) {done} terminated while others play on: QMIX needs a fixed team")
         self.done = all(terminated) or truncated
         self._take(observations, infos)
-        return reward, self.done, {"episode_limit": truncated and not all(terminated)}
+        time_limit = truncated and not all(terminated) and self.truncation == "episode_limit"
+        return reward, self.done, {"episode_limit": time_limit}
 
     def _per_agent(self, method, name, values):
         """A dict with exactly the team's agents, or an error naming who is missing or extra."""

@@ -37,7 +37,7 @@ agent id), S state, H hidden_dim, E mixing_embed_dim. M stands for "any number o
 """
 from __future__ import annotations
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 import contextlib
 import dataclasses
@@ -662,6 +662,7 @@ def loss_and_grads(params, target_params, batch, config):
     agent_grads = agent_backward(dq, agent_cache)
 
     masked_td_error, mask = loss_cache  # pymarl's logged statistics, over the steps that happened
+    # (pymarl divides q_taken_mean and target_mean by n_agents too; these are the mean Q_tot and y)
     n_valid = float(mask.sum())
     diagnostics = {"td_error_abs": float(np.abs(masked_td_error).sum()) / n_valid,
                    "q_taken_mean": float((q_tot * mask).sum()) / n_valid,
@@ -903,8 +904,10 @@ class RunningMeanStd:
 # ------------------------------------------------------------------------------------------
 
 COUNTERS = ("t_env", "episode", "train_steps", "last_target_update_episode", "skipped_steps")
-HISTORY_KEYS = ("t_env", "return", "length", "success", "loss")  # Learner.history, per training episode
-HISTORY_DTYPES = (np.int64, np.float64, np.int64, np.bool_, np.float64)  # as saved in a checkpoint
+HISTORY_KEYS = ("t_env", "return", "length", "success",  # Learner.history, per training episode,
+                "loss", "q_taken_mean", "target_mean", "grad_norm")  # and the latest train step's diagnostics
+HISTORY_DTYPES = (np.int64, np.float64, np.int64, np.bool_, *[np.float64] * 4)  # as saved in a checkpoint
+TRAIN_STEP_LOG = HISTORY_KEYS[4:]  # NaN before the first train step
 
 
 class Learner:
@@ -945,6 +948,7 @@ class Learner:
         self.last_target_update_episode = 0
         self.skipped_steps = 0  # train steps skipped for a non-finite loss or gradient norm
         self.last_diagnostics = None  # what the latest train_step returned
+        self.warned_q_tot = False  # warn_if_q_tot_exceeds_returns warns once per learner
         self.reward_stats = RunningMeanStd()  # of the rewards train steps have seen (standardise_rewards)
         self.history = {key: [] for key in HISTORY_KEYS}  # per training episode (saved in checkpoints)
         self.init_hidden()
@@ -1028,6 +1032,7 @@ class Learner:
         self.optimiser.commit(new_state)
         self.reward_stats = reward_stats
         self.train_steps += 1
+        warn_if_q_tot_exceeds_returns(self, diagnostics)  # see "Input validation"
         if (self.episode - self.last_target_update_episode) / c.target_update_interval >= 1.0:
             self.update_targets()
             self.last_target_update_episode = self.episode
@@ -1120,15 +1125,16 @@ def learn_from(learner, episodes, results):
     if len(learner.buffer) >= learner.config.batch_size:
         learner.last_diagnostics = learner.train_step()
     learner.episode += len(episodes)
-    loss = learner.last_diagnostics["loss"] if learner.last_diagnostics else float("nan")
+    logged = [learner.last_diagnostics[key] if learner.last_diagnostics else float("nan") for key in TRAIN_STEP_LOG]
     for result in results:
-        for key, value in zip(HISTORY_KEYS, (learner.t_env, *result, loss)):
+        for key, value in zip(HISTORY_KEYS, (learner.t_env, *result, *logged)):
             learner.history[key].append(value)
 
 
 class Progress:
     """train(progress=True): a line to stderr every `seconds` with env steps, episodes, epsilon,
-    the latest loss, the return and success over the last 100 episodes, and env steps per second."""
+    the latest train step's loss, mean Q_tot of the actions taken and gradient norm (before
+    clipping), the return and success over the last 100 episodes, and env steps per second."""
 
     def __init__(self, learner, seconds=5.0, stream=None):
         self.seconds, self.stream = seconds, stream or sys.stderr
@@ -1143,7 +1149,8 @@ class Progress:
         h = learner.history
         rate = (learner.t_env - self.start_t_env) / (now - self.start)
         print(f"{learner.t_env:>9,} env steps {learner.episode:>7,} episodes  epsilon {learner.epsilon():.2f}  "
-              f"loss {h['loss'][-1]:.4f}  last 100 episodes: return {np.mean(h['return'][-100:]):.2f}, "
+              f"loss {h['loss'][-1]:.4f}  Q_tot {h['q_taken_mean'][-1]:.3g}  grad norm {h['grad_norm'][-1]:.3g}  "
+              f"last 100 episodes: return {np.mean(h['return'][-100:]):.2f}, "
               f"success {np.mean(h['success'][-100:]):.0%}  {rate:,.0f} env steps/s"
               + (f"  SKIPPED {learner.skipped_steps:,} train steps (not finite)" if learner.skipped_steps else ""),
               file=self.stream, flush=True)
@@ -1159,7 +1166,7 @@ def train(envs, config, learner=None, callback=None, progress=False):
     from `config` only in t_max). callback(learner, episode_return, length, success) runs after
     every episode; progress=True prints a progress line every 5 s (a number: every that many
     seconds). learner.history holds, per training episode: t_env (after its collection), return,
-    length, success and the latest loss.
+    length, success, and the latest train step's loss, q_taken_mean, target_mean and grad_norm.
     """
     envs = check_train_arguments(envs, config, callback, progress)
     if learner is None:
@@ -1435,6 +1442,31 @@ def check_finite_q(q):
                                  "parameters overflow, or diverged): no action can be chosen from them")
 
 
+def warn_if_q_tot_exceeds_returns(learner, diagnostics):
+    """Warn, once, when a train step's mean Q_tot leaves what any discounted return allows:
+
+        |Q_tot| <= R / (1 - gamma),   R = the largest |reward| in the buffer, as trained on
+                                          (standardised with standardise_rewards)
+
+    Past it Q_tot is not an estimate of any return: the learner is diverging (docs/experiments.md,
+    MPE with a bootstrapped time limit). Not checked before a nonzero reward is stored.
+    """
+    gamma = learner.config.gamma
+    if learner.warned_q_tot or gamma == 1.0:
+        return
+    stored = learner.buffer.data["reward"][:len(learner.buffer)]  # (episodes, T), padding's zeros included
+    extremes = np.array([stored.min(), stored.max()], dtype=np.float64)
+    if learner.config.standardise_rewards:
+        extremes = learner.reward_stats.standardise(extremes)
+    bound = float(np.abs(extremes).max()) / (1.0 - gamma)
+    if bound > 0 and abs(diagnostics["q_taken_mean"]) > bound:
+        learner.warned_q_tot = True
+        warnings.warn(f"train step {learner.train_steps}: the mean Q_tot ({diagnostics['q_taken_mean']:.4g}) is "
+                      f"beyond what any discounted return allows (|Q_tot| <= max |reward| / (1 - gamma) = "
+                      f"{bound:.4g}): the learner is diverging. learner.history['q_taken_mean'] and "
+                      "['grad_norm'] show how; warned once", RuntimeWarning, stacklevel=3)
+
+
 def config_differences(config, other):
     """The fields, t_max aside, in which two configs differ: a run continues only where they are none."""
     return [f.name for f in dataclasses.fields(Config)
@@ -1559,7 +1591,7 @@ def check_episode(episode, buffer):
 # --- Checkpoint format: named arrays in one .npz, no pickles, a SHA-256 digest over all of them
 
 CHECKPOINT_FORMAT = "qmix-np checkpoint"
-CHECKPOINT_VERSION = 4  # 4: Config.batch_size_run; 3 (before it), 2 (no use_rnn), 1 (transitions) are refused
+CHECKPOINT_VERSION = 5  # 5: Q and gradient norms in the history; 4 and before are refused
 
 
 def _digest(arrays):
@@ -1839,7 +1871,8 @@ def _check_version(path, declared, archive):
     if version != CHECKPOINT_VERSION:
         older = {1: " (version 1 held single transitions, before the episode learner)",
                  2: " (version 2 came before the GRU agent and Config.use_rnn)",
-                 3: " (version 3 came before Config.batch_size_run)"}.get(version, "")
+                 3: " (version 3 came before Config.batch_size_run)",
+                 4: " (version 4 came before the history's Q and gradient norms)"}.get(version, "")
         raise ValueError(f"{path}: checkpoint format version {version}{older}; this code reads "
                          f"version {CHECKPOINT_VERSION} only")
 
@@ -1911,13 +1944,14 @@ def _check_values(path, learner, arrays, rng_state):
 
 def _check_history(path, arrays, counters, limit):
     """One row per training episode: t_env never decreasing and within the counter, lengths of 1
-    to episode_limit steps, finite returns, losses finite or NaN (before the first train step)."""
-    t_env, returns, lengths, losses = (arrays[f"history/{k}"] for k in ("t_env", "return", "length", "loss"))
+    to episode_limit steps, finite returns. The train steps' logs (loss, Q_tot, gradient norm) may
+    hold any float: NaN before the first train step, inf from a skipped one."""
+    t_env, returns, lengths = (arrays[f"history/{k}"] for k in ("t_env", "return", "length"))
     problems = [(len(t_env) != counters["episode"], f"one row per training episode ({counters['episode']})"),
                 (len(t_env) and (t_env.min() < 0 or t_env.max() > counters["t_env"] or (np.diff(t_env) < 0).any()),
                  f"t_env never decreasing, in [0, {counters['t_env']}]"),
                 (len(t_env) and (lengths.min() < 1 or lengths.max() > limit), f"lengths of 1 to {limit} steps"),
-                (not np.isfinite(returns).all(), "finite returns"), (np.isinf(losses).any(), "no infinite loss")]
+                (not np.isfinite(returns).all(), "finite returns")]
     for broken, expected in problems:
         if broken:
             raise ValueError(f"{path}: entries 'history/...' must hold {expected}")

@@ -443,6 +443,14 @@ def test_pettingzoo_truncation_is_a_time_limit_not_a_terminal_state():
     assert limited.episode_limit == 1 and limited.step([0, 0])[1:] == (True, {"episode_limit": True})
 
 
+def test_pettingzoo_truncation_can_be_terminal_as_epymarl_stores_it():
+    env = envs.PettingZooEnv(FakeParallelEnv(max_cycles=2), truncation="terminal")
+    assert env.step([0, 0])[1:] == (False, {"episode_limit": False})
+    assert env.step([0, 0])[1:] == (True, {"episode_limit": False})  # stored with terminated 1: no bootstrap
+    with pytest.raises(ValueError, match="truncation must be 'episode_limit' or 'terminal', got 'bootstrap'"):
+        envs.PettingZooEnv(FakeParallelEnv(), truncation="bootstrap")
+
+
 def test_pettingzoo_without_a_state_uses_the_observations():
     env = envs.PettingZooEnv(FakeParallelEnv(state=False))
     assert env.get_env_info()["state_source"] == "the observations, concatenated"

@@ -1061,6 +1061,31 @@ def test_train_reports_progress_and_keeps_the_history(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == learner.episode
     assert "env steps" in lines[-1] and "epsilon" in lines[-1] and "env steps/s" in lines[-1]
+    assert "Q_tot" in lines[-1] and "grad norm" in lines[-1]
+    trained = [i for i, loss in enumerate(h["loss"]) if not math.isnan(loss)]
+    assert trained and len(h["q_taken_mean"]) == len(h["target_mean"]) == len(h["grad_norm"]) == learner.episode
+    assert np.isnan([h[k][:trained[0]] for k in ("q_taken_mean", "target_mean", "grad_norm")]).all()
+    assert [h[k][-1] for k in ("loss", "q_taken_mean", "target_mean", "grad_norm")] == \
+        [learner.last_diagnostics[k] for k in ("loss", "q_taken_mean", "target_mean", "grad_norm")]
+
+
+@pytest.mark.parametrize("standardise_rewards", [False, True])
+def test_a_q_tot_beyond_any_discounted_return_is_warned_once(standardise_rewards):
+    learner = small_learner("vdn", standardise_rewards=standardise_rewards)
+    episode_batch(learner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.train_step()  # a fresh learner's Q_tot is near 0: no warning
+    stored = learner.buffer.data["reward"][:len(learner.buffer)]
+    if standardise_rewards:
+        stored = learner.reward_stats.standardise(stored)
+    bound = np.abs(stored).max() / (1 - learner.config.gamma)
+    learner.params["agent"]["fc2.bias"][:] = bound  # every agent's Q near the bound: Q_tot near n_agents x it
+    with pytest.warns(RuntimeWarning, match=r"mean Q_tot \(.*\) is beyond what any discounted return allows"):
+        learner.train_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.train_step()  # once
 
 
 def gridworld_learning_config(t_max):

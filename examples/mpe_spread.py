@@ -4,10 +4,16 @@ mpe2), 3 agents that must cover 3 landmarks without colliding, 25 steps, discret
 The env comes in through envs.PettingZooEnv, one line. The settings are EPyMARL's QMIX config
 (src/config/algs/qmix.yaml: feed-forward agent, agent ids without last actions, standardised
 rewards, a 5000-episode buffer, targets every 200 episodes, epsilon over 50,000 steps) and its
-MPE protocol (episodes of 25 steps, the team reward the sum of the agents' rewards); only the
-budget is ours (--t-max). Each seed is evaluated greedily on fresh episodes during and after
-training; random play on the same episodes is the floor. Curves go to --out as CSV (and PNG if
-matplotlib is installed).
+MPE protocol: episodes of 25 steps, the team reward the sum of the agents' rewards, and the
+25-step cut stored as a TERMINAL step, as EPyMARL's runner stores it (`terminated or truncated`;
+its gym wrapper flags no episode_limit). --time-limit episode_limit bootstraps the cut instead
+(pymarl's rule for SMAC's time limit): on this task QMIX's Q_tot then grows without bound
+(docs/experiments.md). Two differences remain: targets are counted in episodes (pymarl; EPyMARL
+counts train steps, so its first update comes 31 episodes later, then every 200 in both), and
+the budget is ours (--t-max; EPyMARL's is 2,050,000). Each seed is evaluated greedily on fresh
+episodes during and after training; random play on the same episodes is the floor. Curves go
+to --out as CSV (with the training's mean Q_tot, target and gradient norm between evaluations)
+and PNG if matplotlib is installed.
 
 Beside the return it trains on, it reports, on the same episodes, the return in the units of
 EPyMARL's benchmark paper (Papoudakis et al., 2021), whose MPE was a gym fork with another
@@ -17,6 +23,8 @@ Needs `pip install pettingzoo mpe2` (optional extras, never dependencies of qmix
 
     python examples/mpe_spread.py --t-max 100000 --seeds 3
     python examples/mpe_spread.py --methods qmix --seeds 1 --t-max 20000 --json
+    python examples/mpe_spread.py --methods vdn --first-seed 2 --seeds 1 --out runs/vdn2   # one process per seed
+    python examples/mpe_spread.py --summarise runs/*/mpe_spread.csv --out runs/all            # their table and plot
 """
 import os
 
@@ -37,6 +45,9 @@ import envs  # noqa: E402
 import qmix_np as q  # noqa: E402
 
 NAMES = {"qmix": "QMIX", "vdn": "VDN", "none": "IQL"}
+CSV_COLUMNS = ["method", "seed", "env_steps", "greedy_return", "greedy_return_paper_units",
+               "q_tot_mean", "target_mean", "grad_norm"]  # the last three: training's, since the last evaluation
+T_975 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}  # Student's t, n seeds
 EVAL_SEED = 2**31  # evaluation episodes' reset seeds start here
 
 
@@ -48,6 +59,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument("--methods", nargs="+", default=list(NAMES), choices=list(NAMES), help="qmix, vdn, none (IQL)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds run are first-seed, first-seed + 1, ...")
+    parser.add_argument("--time-limit", choices=("terminal", "episode_limit"), default="terminal",
+                        help="the 25-step cut stored as terminal (EPyMARL) or bootstrapped (pymarl's episode_limit)")
     parser.add_argument("--t-max", type=int, default=100000, help="training env steps per seed (EPyMARL: 2,050,000)")
     parser.add_argument("--eval-episodes", type=int, default=100, help="greedy episodes per evaluation (EPyMARL: 100)")
     parser.add_argument("--curve-every", type=int, default=20000, help="env steps between evaluations")
@@ -56,19 +70,23 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="runs", help="folder for the curves (CSV, PNG)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's curves in --out")
+    parser.add_argument("--summarise", nargs="+", metavar="CSV",
+                        help="no training: the table and plot of earlier runs' CSVs (say, one process per seed)")
     args = parser.parse_args(argv)
     if min(args.seeds, args.t_max, args.eval_episodes, args.curve_every, args.batch_size_run) < 1:
         parser.error("--seeds, --t-max, --eval-episodes, --curve-every and --batch-size-run must be at least 1")
+    if args.first_seed < 0:
+        parser.error("--first-seed must be at least 0")
     return args
 
 
-def make_env():
+def make_env(time_limit="terminal"):
     try:
         from mpe2 import simple_spread_v3
     except ImportError:
         sys.exit("examples/mpe_spread.py needs PettingZoo's MPE: pip install pettingzoo mpe2 "
                  "(optional extras; qmix-np itself needs only numpy)")
-    return Spread(simple_spread_v3.parallel_env(N=3, max_cycles=25, continuous_actions=False))
+    return Spread(simple_spread_v3.parallel_env(N=3, max_cycles=25, continuous_actions=False), truncation=time_limit)
 
 
 def paper_reward(world, scenario):
@@ -128,13 +146,17 @@ def random_returns(env, episodes):
 
 def run(method, seed, args):
     """Train one seed, evaluating greedily every --curve-every steps: curve [(env steps, return,
-    return in the paper's units)] and seconds."""
+    return in the paper's units, then the mean Q_tot, target and gradient norm of the train steps
+    logged since the previous evaluation)] and seconds."""
     env, curve, start = make_env(), [], time.perf_counter()
-    train_envs, learner = [make_env() for _ in range(args.batch_size_run)], None
+    train_envs, learner = [make_env(args.time_limit) for _ in range(args.batch_size_run)], None
     for t_max in [*range(args.curve_every, args.t_max, args.curve_every), args.t_max]:
+        logged = len(learner.history["t_env"]) if learner else 0
         learner = q.train(train_envs, make_config(method, seed, t_max, args.batch_size_run), learner=learner,
                           progress=True)  # a line to stderr every 5 s
-        curve.append((learner.t_env, *greedy_returns(env, learner, args.eval_episodes)))
+        training = [np.nanmean(learner.history[key][logged:]) if np.isfinite(learner.history[key][-1]) else np.nan
+                    for key in ("q_taken_mean", "target_mean", "grad_norm")]
+        curve.append((learner.t_env, *greedy_returns(env, learner, args.eval_episodes), *training))
     return curve, time.perf_counter() - start
 
 
@@ -143,7 +165,7 @@ def write_curves(args, curves):
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "mpe_spread.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "env_steps", "greedy_return", "greedy_return_paper_units"])
+        writer.writerow(CSV_COLUMNS)
         for (method, seed), curve in curves.items():
             writer.writerows([NAMES[method], seed, *point] for point in curve)
     try:
@@ -155,13 +177,50 @@ def write_curves(args, curves):
         return [out / "mpe_spread.csv"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for (method, seed), curve in curves.items():
-        steps, returns, _ = zip(*curve)
+        steps, returns = [p[0] for p in curve], [p[1] for p in curve]
         ax.plot(steps, returns, color={"qmix": "C0", "vdn": "C1", "none": "C2"}[method], alpha=0.7,
                 label=NAMES[method] if seed == 0 else None)
     ax.set(xlabel="env steps", ylabel="greedy return (sum over agents)", title="MPE simple_spread, 3 agents")
     ax.legend()
     fig.savefig(out / "mpe_spread.png", dpi=120, bbox_inches="tight")
     return [out / "mpe_spread.csv", out / "mpe_spread.png"]
+
+
+def read_curves(paths):
+    """{(method, seed): curve} from CSVs this script wrote."""
+    curves, method_of = {}, {name: method for method, name in NAMES.items()}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                point = (int(row["env_steps"]), *(float(row[c]) for c in CSV_COLUMNS[3:]))
+                curves.setdefault((method_of[row["method"]], int(row["seed"])), []).append(point)
+    return curves
+
+
+def interval(values):
+    """Mean and the half-width of its 95% Student-t interval over seeds ("" for one seed)."""
+    values = np.asarray(values)
+    if len(values) < 2:
+        return f"{values.mean():8.2f}         "
+    half = T_975.get(len(values), 1.96) * values.std(ddof=1) / np.sqrt(len(values))
+    return f"{values.mean():8.2f} +- {half:5.2f}"
+
+
+def print_table(curves, floor, eval_episodes, seconds):
+    """Final and best greedy return per method, mean and 95% interval over seeds, both units."""
+    t_max = max(curve[-1][0] for curve in curves.values())
+    print(f"MPE simple_spread, 3 agents, 25 steps: {t_max:,} env steps per seed, greedy return on {eval_episodes} "
+          "fresh episodes: the team's (sum over agents) and [in EPyMARL's paper's units], mean +- 95% interval")
+    print(f"  random   {floor[0]:8.2f}                    [{floor[1]:8.2f}]")
+    for method in NAMES:
+        runs = [curve for (m, _), curve in sorted(curves.items()) if m == method]
+        if not runs:
+            continue
+        final, best = [c[-1] for c in runs], [max(c, key=lambda p: p[1]) for c in runs]
+        timing = f"   ({np.mean(seconds[method]):.0f} s per seed)" if seconds.get(method) else ""
+        print(f"  {NAMES[method]:<5} final {interval([p[1] for p in final])} [{interval([p[2] for p in final])}]"
+              f"   best {interval([p[1] for p in best])} [{interval([p[2] for p in best])}]"
+              f"   {len(runs)} seed(s), final per seed: {', '.join(f'{p[1]:.2f}' for p in final)}{timing}")
 
 
 def main():
@@ -171,24 +230,19 @@ def main():
     if taken and not args.overwrite:
         sys.exit(f"{', '.join(taken)} already exist(s), from an earlier run: choose another --out, or pass --overwrite")
     floor = random_returns(make_env(), args.eval_episodes)
-    results, curves = {}, {}
-    for method in args.methods:
-        for seed in range(args.seeds):
-            curves[method, seed], seconds = run(method, seed, args)
-            results.setdefault(NAMES[method], []).append((*curves[method, seed][-1][1:], seconds))
+    curves, seconds = (read_curves(args.summarise) if args.summarise else {}), {}
+    for method in [] if args.summarise else args.methods:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            curves[method, seed], took = run(method, seed, args)
+            seconds.setdefault(method, []).append(took)
     if args.json:
         print(json.dumps({"random": {"return": floor[0], "paper_units": floor[1]},
-                          **{m: [{"return": r, "paper_units": p} for r, p, _ in rs] for m, rs in results.items()}}))
+                          **{NAMES[m]: [{"return": curve[-1][1], "paper_units": curve[-1][2]}
+                                        for (method, _), curve in curves.items() if method == m]
+                             for m in dict.fromkeys(method for method, _ in curves)}}))
         return
     written = write_curves(args, curves)
-    print(f"MPE simple_spread, 3 agents, 25 steps: {args.t_max:,} env steps per seed, greedy return on "
-          f"{args.eval_episodes} fresh episodes: the team's (sum over agents) and [in EPyMARL's paper's units]")
-    print(f"  random   {floor[0]:8.2f}           [{floor[1]:8.2f}]")
-    for method, rs in results.items():
-        finals, paper = np.array([r for r, _, _ in rs]), np.array([p for _, p, _ in rs])
-        spread = (lambda x: f" +- {x.std():5.2f}") if len(finals) > 1 else (lambda x: "")  # no spread of one seed
-        print(f"  {method:<5} {finals.mean():8.2f}{spread(finals)}  [{paper.mean():8.2f}{spread(paper)}]"
-              f"   per seed: {', '.join(f'{r:.2f}' for r in finals)}   ({np.mean([s for _, _, s in rs]):.0f} s per seed)")
+    print_table(curves, floor, args.eval_episodes, seconds)
     print("wrote " + ", ".join(str(p) for p in written))
 
 
