@@ -8,6 +8,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -98,15 +99,53 @@ def test_the_mpe_example_says_what_it_needs_or_runs(tmp_path):
 def test_the_paper_units_count_each_agents_own_collision():
     """EPyMARL's fork: every agent gets sum_i (G - c_i), c_i counting agent i itself. Needs mpe2."""
     pytest.importorskip("mpe2")
-    spec = importlib.util.spec_from_file_location("mpe_spread", HERE / "examples" / "mpe_spread.py")
-    mpe_spread = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mpe_spread)
-    raw = mpe_spread.make_env().env.unwrapped
+    raw = load_example("mpe_spread").make_env().env.unwrapped
     for entity, position in zip(raw.world.agents + raw.world.landmarks,
                                 [(0, 0), (0.1, 0), (2, 0), (0, 0), (1, 0), (2, 0.5)]):
         entity.state.p_pos = np.array(position, dtype=float)
     # G = -(0 + 0.9 + 0.5); agents 0 and 1 overlap (0.1 < 2 x 0.15): c = 2, 2, 1
     assert abs(mpe_spread.paper_reward(raw.world, raw.scenario) - (3 * -1.4 - 5)) < 1e-12
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, HERE / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_mpe_summary_reads_its_own_csvs_and_epymarls_sacred_logs(tmp_path):
+    """Runs made in separate processes, and EPyMARL's own (its Q_tot logged divided by n_agents)."""
+    mpe_spread = load_example("mpe_spread")
+    curves = {("qmix", 1, "terminal"): [(50, -70.0, -220.0, 1.5, 1.6, 9.0)],
+              ("vdn", 0, "episode_limit"): [(50, -60.0, -200.0, 2.0, 2.1, 3.0), (100, -55.0, -190.0, 3.0, 3.1, 4.0)]}
+    mpe_spread.write_curves(types.SimpleNamespace(out=tmp_path / "ours"), curves, -80.0)
+    run = tmp_path / "sacred" / "3"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"seed": 7}))
+    value = lambda v: {"dtype": "float64", "py/object": "numpy.float64", "value": v}  # noqa: E731  (sacred's way)
+    (run / "info.json").write_text(json.dumps({
+        "test_return_mean_T": [25, 50025], "test_return_mean": [value(-108.5), value(-59.3)],
+        "q_taken_mean_T": [10025], "q_taken_mean": [0.5], "target_mean_T": [10025], "target_mean": [0.75],
+        "grad_norm_T": [10025], "grad_norm": [value(12.0)]}))
+    read = mpe_spread.read_curves([str(tmp_path / "ours" / "mpe_spread.csv"), str(run / "info.json")])
+    assert {k: v for k, v in read.items() if k[0] != "epymarl"} == curves
+    [(first, second)] = [read[("epymarl", 7, "terminal")]]
+    assert first[:2] == (25, -108.5) and np.isnan(first[2:]).all()  # no train step logged yet
+    assert second[:2] == (50025, -59.3) and np.isnan(second[2]) and second[3:] == (1.5, 2.25, 12.0)
+
+
+def test_the_mpe_example_stores_the_time_limit_as_epymarl_by_default():
+    """EPyMARL's runner stores the 25-step cut as terminal; --time-limit episode_limit bootstraps it."""
+    pytest.importorskip("mpe2")
+    mpe_spread = load_example("mpe_spread")
+    assert mpe_spread.parse_args([]).time_limit == "terminal"
+    for rule, flagged in (("terminal", False), ("episode_limit", True)):
+        env = mpe_spread.make_env(rule)
+        env.reset(seed=0)
+        steps = [env.step(np.zeros(3, int)) for _ in range(25)]
+        assert [done for _, done, _ in steps] == [False] * 24 + [True]
+        assert steps[-1][2] == {"episode_limit": flagged}
 
 
 def test_benchmark_runs_and_reports_every_part_as_json():
@@ -139,7 +178,7 @@ def test_the_readmes_own_environment_example_trains_and_prints_its_result(tmp_pa
     script.write_text(readme_example())
     result = run(tmp_path, script)
     assert result.returncode == 0, result.stderr
-    assert "greedy success" in result.stdout
+    assert "greedy success 100%, mean length 3.20" in result.stdout  # what the README says it prints
 
 
 def test_an_editable_install_exposes_qmix_np_and_qmix_np_envs_only(tmp_path):

@@ -34,6 +34,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -44,8 +45,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run f
 import envs  # noqa: E402
 import qmix_np as q  # noqa: E402
 
-NAMES = {"qmix": "QMIX", "vdn": "VDN", "none": "IQL"}
-CSV_COLUMNS = ["method", "seed", "env_steps", "greedy_return", "greedy_return_paper_units",
+NAMES = {"qmix": "QMIX", "vdn": "VDN", "none": "IQL", "epymarl": "EPyMARL's QMIX"}  # the last: --summarise only
+CSV_COLUMNS = ["method", "seed", "time_limit", "env_steps", "greedy_return", "greedy_return_paper_units",
                "q_tot_mean", "target_mean", "grad_norm"]  # the last three: training's, since the last evaluation
 T_975 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}  # Student's t, n seeds
 EVAL_SEED = 2**31  # evaluation episodes' reset seeds start here
@@ -57,7 +58,8 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    parser.add_argument("--methods", nargs="+", default=list(NAMES), choices=list(NAMES), help="qmix, vdn, none (IQL)")
+    parser.add_argument("--methods", nargs="+", default=list(NAMES)[:3], choices=list(NAMES)[:3],
+                        help="qmix, vdn, none (IQL)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
     parser.add_argument("--first-seed", type=int, default=0, help="the seeds run are first-seed, first-seed + 1, ...")
     parser.add_argument("--time-limit", choices=("terminal", "episode_limit"), default="terminal",
@@ -70,8 +72,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="runs", help="folder for the curves (CSV, PNG)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's curves in --out")
-    parser.add_argument("--summarise", nargs="+", metavar="CSV",
-                        help="no training: the table and plot of earlier runs' CSVs (say, one process per seed)")
+    parser.add_argument("--summarise", nargs="+", metavar="FILE",
+                        help="no training: the table and plots of earlier runs' CSVs (say, one process per seed), "
+                             "and of EPyMARL's own runs (their results/sacred/.../info.json)")
     args = parser.parse_args(argv)
     if min(args.seeds, args.t_max, args.eval_episodes, args.curve_every, args.batch_size_run) < 1:
         parser.error("--seeds, --t-max, --eval-episodes, --curve-every and --batch-size-run must be at least 1")
@@ -160,41 +163,101 @@ def run(method, seed, args):
     return curve, time.perf_counter() - start
 
 
-def write_curves(args, curves):
+def write_curves(args, curves, random_return):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "mpe_spread.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
-        for (method, seed), curve in curves.items():
-            writer.writerows([NAMES[method], seed, *point] for point in curve)
+        for (method, seed, time_limit), curve in curves.items():
+            writer.writerows([NAMES[method], seed, time_limit, *point] for point in curve)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: the PNG was skipped (pip install matplotlib)", file=sys.stderr)
+        print("matplotlib is not installed: the PNGs were skipped (pip install matplotlib)", file=sys.stderr)
         return [out / "mpe_spread.csv"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (method, seed), curve in curves.items():
-        steps, returns = [p[0] for p in curve], [p[1] for p in curve]
-        ax.plot(steps, returns, color={"qmix": "C0", "vdn": "C1", "none": "C2"}[method], alpha=0.7,
-                label=NAMES[method] if seed == 0 else None)
-    ax.set(xlabel="env steps", ylabel="greedy return (sum over agents)", title="MPE simple_spread, 3 agents")
-    ax.legend()
+    return [out / "mpe_spread.csv", plot_returns(plt, curves, out, random_return), plot_diagnostics(plt, curves, out)]
+
+
+def label(method, time_limit):
+    return NAMES[method] + ("" if time_limit == "terminal" else ", time limit bootstrapped")
+
+
+def style(method, time_limit):
+    """One colour per method, dashed for the bootstrapped time limit."""
+    colour = {"qmix": "C0", "vdn": "C1", "none": "C2", "epymarl": "black"}[method]
+    return {"color": colour, "linestyle": "-" if time_limit == "terminal" else "--", "alpha": 0.7}
+
+
+def plot_returns(plt, curves, out, random_return):
+    """Greedy return against env steps, one line per run, and random play's."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(random_return, color="grey", linewidth=1, label="random play")
+    labelled = set()
+    for (method, seed, time_limit), curve in curves.items():
+        key = (method, time_limit)
+        ax.plot([p[0] / 1e6 for p in curve], [p[1] for p in curve], **style(*key),
+                label=None if key in labelled else label(*key))
+        labelled.add(key)
+    ax.set(xlabel="env steps (millions)", ylabel="greedy return (sum over agents)", title="MPE simple_spread, 3 agents")
+    ax.legend(fontsize=8)
     fig.savefig(out / "mpe_spread.png", dpi=120, bbox_inches="tight")
-    return [out / "mpe_spread.csv", out / "mpe_spread.png"]
+    return out / "mpe_spread.png"
+
+
+def plot_diagnostics(plt, curves, out):
+    """The training's mean Q_tot and gradient norm (before clipping) against env steps."""
+    fig, (q_ax, g_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    labelled = set()
+    for (method, seed, time_limit), curve in curves.items():
+        key = (method, time_limit)
+        steps = [p[0] / 1e6 for p in curve]
+        for ax, column in ((q_ax, 3), (g_ax, 5)):
+            ax.plot(steps, [p[column] for p in curve], **style(*key), label=None if key in labelled else label(*key))
+        labelled.add(key)
+    q_ax.set(xlabel="env steps (millions)", ylabel="mean Q_tot of the actions taken (standardised rewards)", yscale="symlog")
+    g_ax.set(xlabel="env steps (millions)", ylabel="gradient norm before clipping at 10", yscale="log")
+    q_ax.legend(fontsize=8)
+    fig.savefig(out / "mpe_spread_diagnostics.png", dpi=120, bbox_inches="tight")
+    return out / "mpe_spread_diagnostics.png"
 
 
 def read_curves(paths):
-    """{(method, seed): curve} from CSVs this script wrote."""
+    """{(method, seed, time_limit): curve} from CSVs this script wrote and EPyMARL's info.json."""
     curves, method_of = {}, {name: method for method, name in NAMES.items()}
     for path in paths:
+        if path.endswith(".json"):
+            curves.update(read_epymarl(path))
+            continue
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                point = (int(row["env_steps"]), *(float(row[c]) for c in CSV_COLUMNS[3:]))
-                curves.setdefault((method_of[row["method"]], int(row["seed"])), []).append(point)
+                point = (int(row["env_steps"]), *(float(row[c]) for c in CSV_COLUMNS[4:]))
+                curves.setdefault((method_of[row["method"]], int(row["seed"]), row["time_limit"]), []).append(point)
     return curves
+
+
+def read_epymarl(path):
+    """An EPyMARL run's greedy tests and training logs, from the info.json sacred writes (its seed
+    from the config.json beside it) as one curve: its Q_tot is q_taken_mean x n_agents (EPyMARL
+    divides by them), its logs are single train steps every 10,000 env steps, not means."""
+    folder = pathlib.Path(path).parent
+    info, seed = json.loads(pathlib.Path(path).read_text()), json.loads((folder / "config.json").read_text())["seed"]
+
+    def series(key, scale=1.0):  # {t_env: value}; sacred stores numpy floats as {"value": ...}
+        return {t: scale * (v["value"] if isinstance(v, dict) else v) for t, v in zip(info[f"{key}_T"], info[key])}
+
+    tests, q_tot, target, grad = (series("test_return_mean"), series("q_taken_mean", 3), series("target_mean", 3),
+                                  series("grad_norm"))
+    logged = sorted(q_tot)
+
+    def latest(values, t):  # the last log at or before t
+        before = [s for s in logged if s <= t]
+        return values[before[-1]] if before else math.nan
+
+    return {("epymarl", seed, "terminal"): [(t, ret, math.nan, latest(q_tot, t), latest(target, t), latest(grad, t))
+                                            for t, ret in sorted(tests.items())]}
 
 
 def interval(values):
@@ -212,13 +275,11 @@ def print_table(curves, floor, eval_episodes, seconds):
     print(f"MPE simple_spread, 3 agents, 25 steps: {t_max:,} env steps per seed, greedy return on {eval_episodes} "
           "fresh episodes: the team's (sum over agents) and [in EPyMARL's paper's units], mean +- 95% interval")
     print(f"  random   {floor[0]:8.2f}                    [{floor[1]:8.2f}]")
-    for method in NAMES:
-        runs = [curve for (m, _), curve in sorted(curves.items()) if m == method]
-        if not runs:
-            continue
+    for key in dict.fromkeys((method, time_limit) for method, _, time_limit in sorted(curves)):
+        runs = [curve for (method, _, time_limit), curve in sorted(curves.items()) if (method, time_limit) == key]
         final, best = [c[-1] for c in runs], [max(c, key=lambda p: p[1]) for c in runs]
-        timing = f"   ({np.mean(seconds[method]):.0f} s per seed)" if seconds.get(method) else ""
-        print(f"  {NAMES[method]:<5} final {interval([p[1] for p in final])} [{interval([p[2] for p in final])}]"
+        timing = f"   ({np.mean(seconds[key[0]]):.0f} s per seed)" if seconds.get(key[0]) else ""
+        print(f"  {label(*key)}\n    final {interval([p[1] for p in final])} [{interval([p[2] for p in final])}]"
               f"   best {interval([p[1] for p in best])} [{interval([p[2] for p in best])}]"
               f"   {len(runs)} seed(s), final per seed: {', '.join(f'{p[1]:.2f}' for p in final)}{timing}")
 
@@ -233,15 +294,15 @@ def main():
     curves, seconds = (read_curves(args.summarise) if args.summarise else {}), {}
     for method in [] if args.summarise else args.methods:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            curves[method, seed], took = run(method, seed, args)
+            curves[method, seed, args.time_limit], took = run(method, seed, args)
             seconds.setdefault(method, []).append(took)
     if args.json:
         print(json.dumps({"random": {"return": floor[0], "paper_units": floor[1]},
                           **{NAMES[m]: [{"return": curve[-1][1], "paper_units": curve[-1][2]}
-                                        for (method, _), curve in curves.items() if method == m]
-                             for m in dict.fromkeys(method for method, _ in curves)}}))
+                                        for (method, _, _), curve in curves.items() if method == m]
+                             for m in dict.fromkeys(method for method, _, _ in curves)}}))
         return
-    written = write_curves(args, curves)
+    written = write_curves(args, curves, floor[0])
     print_table(curves, floor, args.eval_episodes, seconds)
     print("wrote " + ", ".join(str(p) for p in written))
 
