@@ -1445,25 +1445,28 @@ def check_finite_q(q):
 def warn_if_q_tot_exceeds_returns(learner, diagnostics):
     """Warn, once, when a train step's mean Q_tot leaves what any discounted return allows:
 
-        |Q_tot| <= R / (1 - gamma),   R = the largest |reward| in the buffer, as trained on
-                                          (standardised with standardise_rewards)
+        min(r_min, 0) / (1 - gamma) <= Q_tot <= max(r_max, 0) / (1 - gamma)
 
-    Past it Q_tot is not an estimate of any return: the learner is diverging (docs/experiments.md,
-    MPE with a bootstrapped time limit). Not checked before a nonzero reward is stored.
+    r_min, r_max the extreme rewards in the buffer as trained on (standardised with
+    standardise_rewards; the padding's zeros included). Past it Q_tot is not an estimate of any
+    return: the learner is diverging (docs/experiments.md, MPE with a bootstrapped time limit).
+    A side whose bound is 0 (no reward of that sign stored) is not checked: a fresh network's
+    Q_tot is small but not 0.
     """
     gamma = learner.config.gamma
     if learner.warned_q_tot or gamma == 1.0:
         return
-    stored = learner.buffer.data["reward"][:len(learner.buffer)]  # (episodes, T), padding's zeros included
-    extremes = np.array([stored.min(), stored.max()], dtype=np.float64)
+    stored = learner.buffer.data["reward"][:len(learner.buffer)]  # (episodes, T)
+    r_min, r_max = float(stored.min()), float(stored.max())
     if learner.config.standardise_rewards:
-        extremes = learner.reward_stats.standardise(extremes)
-    bound = float(np.abs(extremes).max()) / (1.0 - gamma)
-    if bound > 0 and abs(diagnostics["q_taken_mean"]) > bound:
+        r_min, r_max = learner.reward_stats.standardise(np.array([r_min, r_max]))
+    lower, upper = min(r_min, 0.0) / (1.0 - gamma), max(r_max, 0.0) / (1.0 - gamma)
+    q_tot = diagnostics["q_taken_mean"]
+    if (upper > 0 and q_tot > upper) or (lower < 0 and q_tot < lower):
         learner.warned_q_tot = True
-        warnings.warn(f"train step {learner.train_steps}: the mean Q_tot ({diagnostics['q_taken_mean']:.4g}) is "
-                      f"beyond what any discounted return allows (|Q_tot| <= max |reward| / (1 - gamma) = "
-                      f"{bound:.4g}): the learner is diverging. learner.history['q_taken_mean'] and "
+        warnings.warn(f"train step {learner.train_steps}: the mean Q_tot ({q_tot:.4g}) is outside what any "
+                      f"discounted return allows ([min(r_min, 0), max(r_max, 0)] / (1 - gamma) = [{lower:.4g}, "
+                      f"{upper:.4g}]): the learner is diverging. learner.history['q_taken_mean'] and "
                       "['grad_norm'] show how; warned once", RuntimeWarning, stacklevel=3)
 
 

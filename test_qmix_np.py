@@ -1070,7 +1070,8 @@ def test_train_reports_progress_and_keeps_the_history(capsys):
 
 
 @pytest.mark.parametrize("standardise_rewards", [False, True])
-def test_a_q_tot_beyond_any_discounted_return_is_warned_once(standardise_rewards):
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_q_tot_beyond_any_discounted_return_is_warned_once(standardise_rewards, sign):
     learner = small_learner("vdn", standardise_rewards=standardise_rewards)
     episode_batch(learner)
     with warnings.catch_warnings():
@@ -1079,13 +1080,25 @@ def test_a_q_tot_beyond_any_discounted_return_is_warned_once(standardise_rewards
     stored = learner.buffer.data["reward"][:len(learner.buffer)]
     if standardise_rewards:
         stored = learner.reward_stats.standardise(stored)
-    bound = np.abs(stored).max() / (1 - learner.config.gamma)
+    bound = (stored.max() if sign > 0 else stored.min()) / (1 - learner.config.gamma)
     learner.params["agent"]["fc2.bias"][:] = bound  # every agent's Q near the bound: Q_tot near n_agents x it
-    with pytest.warns(RuntimeWarning, match=r"mean Q_tot \(.*\) is beyond what any discounted return allows"):
+    with pytest.warns(RuntimeWarning, match=r"mean Q_tot \(.*\) is outside what any discounted return allows"):
         learner.train_step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         learner.train_step()  # once
+
+
+def test_a_small_q_tot_of_the_sign_no_reward_has_is_not_warned_of():
+    learner = small_learner("vdn")
+    rng = np.random.default_rng(3)
+    for length in (3, 6, 2, 5):
+        episode = random_episode(rng, learner, length, terminal=True)
+        learner.buffer.insert({**episode, "reward": np.abs(episode["reward"])})  # no negative reward
+    learner.params["agent"]["fc2.bias"][:] = -0.5  # Q_tot near -1: below the bound 0, but a network's noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.train_step()
 
 
 def gridworld_learning_config(t_max):

@@ -75,6 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--summarise", nargs="+", metavar="FILE",
                         help="no training: the table and plots of earlier runs' CSVs (say, one process per seed), "
                              "and of EPyMARL's own runs (their results/sacred/.../info.json)")
+    parser.add_argument("--until", type=int, help="with --summarise: leave out evaluations after this many env steps")
     args = parser.parse_args(argv)
     if min(args.seeds, args.t_max, args.eval_episodes, args.curve_every, args.batch_size_run) < 1:
         parser.error("--seeds, --t-max, --eval-episodes, --curve-every and --batch-size-run must be at least 1")
@@ -224,8 +225,9 @@ def plot_diagnostics(plt, curves, out):
     return out / "mpe_spread_diagnostics.png"
 
 
-def read_curves(paths):
-    """{(method, seed, time_limit): curve} from CSVs this script wrote and EPyMARL's info.json."""
+def read_curves(paths, until=None):
+    """{(method, seed, time_limit): curve} from CSVs this script wrote and EPyMARL's info.json,
+    up to `until` env steps."""
     curves, method_of = {}, {name: method for method, name in NAMES.items()}
     for path in paths:
         if path.endswith(".json"):
@@ -235,7 +237,8 @@ def read_curves(paths):
             for row in csv.DictReader(f):
                 point = (int(row["env_steps"]), *(float(row[c]) for c in CSV_COLUMNS[4:]))
                 curves.setdefault((method_of[row["method"]], int(row["seed"]), row["time_limit"]), []).append(point)
-    return curves
+    kept = {key: [p for p in curve if until is None or p[0] <= until] for key, curve in curves.items()}
+    return {key: curve for key, curve in kept.items() if curve}
 
 
 def read_epymarl(path):
@@ -271,8 +274,9 @@ def interval(values):
 
 def print_table(curves, floor, eval_episodes, seconds):
     """Final and best greedy return per method, mean and 95% interval over seeds, both units."""
-    t_max = max(curve[-1][0] for curve in curves.values())
-    print(f"MPE simple_spread, 3 agents, 25 steps: {t_max:,} env steps per seed, greedy return on {eval_episodes} "
+    ends = {curve[-1][0] for curve in curves.values()}
+    print(f"MPE simple_spread, 3 agents, 25 steps: {'' if len(ends) == 1 else 'up to '}{max(ends):,} env steps per "
+          f"seed, greedy return on {eval_episodes} "
           "fresh episodes: the team's (sum over agents) and [in EPyMARL's paper's units], mean +- 95% interval")
     print(f"  random   {floor[0]:8.2f}                    [{floor[1]:8.2f}]")
     for key in dict.fromkeys((method, time_limit) for method, _, time_limit in sorted(curves)):
@@ -291,7 +295,7 @@ def main():
     if taken and not args.overwrite:
         sys.exit(f"{', '.join(taken)} already exist(s), from an earlier run: choose another --out, or pass --overwrite")
     floor = random_returns(make_env(), args.eval_episodes)
-    curves, seconds = (read_curves(args.summarise) if args.summarise else {}), {}
+    curves, seconds = (read_curves(args.summarise, args.until) if args.summarise else {}), {}
     for method in [] if args.summarise else args.methods:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             curves[method, seed, args.time_limit], took = run(method, seed, args)
