@@ -96,22 +96,23 @@ def test_the_mpe_example_says_what_it_needs_or_runs(tmp_path):
         assert set(report) == {"random", "QMIX"} and set(report["QMIX"][0]) == {"return", "paper_units"}
 
 
-def test_the_paper_units_count_each_agents_own_collision():
-    """EPyMARL's fork: every agent gets sum_i (G - c_i), c_i counting agent i itself. Needs mpe2."""
-    pytest.importorskip("mpe2")
-    raw = load_example("mpe_spread").make_env().env.unwrapped
-    for entity, position in zip(raw.world.agents + raw.world.landmarks,
-                                [(0, 0), (0.1, 0), (2, 0), (0, 0), (1, 0), (2, 0.5)]):
-        entity.state.p_pos = np.array(position, dtype=float)
-    # G = -(0 + 0.9 + 0.5); agents 0 and 1 overlap (0.1 < 2 x 0.15): c = 2, 2, 1
-    assert abs(mpe_spread.paper_reward(raw.world, raw.scenario) - (3 * -1.4 - 5)) < 1e-12
-
-
 def load_example(name):
     spec = importlib.util.spec_from_file_location(name, HERE / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_paper_units_count_each_agents_own_collision():
+    """EPyMARL's fork: every agent gets sum_i (G - c_i), c_i counting agent i itself. Needs mpe2."""
+    pytest.importorskip("mpe2")
+    mpe_spread = load_example("mpe_spread")
+    raw = mpe_spread.make_env().env.unwrapped
+    for entity, position in zip(raw.world.agents + raw.world.landmarks,
+                                [(0, 0), (0.1, 0), (2, 0), (0, 0), (1, 0), (2, 0.5)]):
+        entity.state.p_pos = np.array(position, dtype=float)
+    # G = -(0 + 0.9 + 0.5); agents 0 and 1 overlap (0.1 < 2 x 0.15): c = 2, 2, 1
+    assert abs(mpe_spread.paper_reward(raw.world, raw.scenario) - (3 * -1.4 - 5)) < 1e-12
 
 
 def test_the_mpe_summary_reads_its_own_csvs_and_epymarls_sacred_logs(tmp_path):
