@@ -266,6 +266,8 @@ def read_epymarl(path):
 def interval(values):
     """Mean and the half-width of its 95% Student-t interval over seeds ("" for one seed)."""
     values = np.asarray(values)
+    if np.isnan(values).all():  # EPyMARL's runs have no return in the paper's units
+        return f"{'n/a':>8}         "
     if len(values) < 2:
         return f"{values.mean():8.2f}         "
     half = T_975.get(len(values), 1.96) * values.std(ddof=1) / np.sqrt(len(values))
@@ -279,7 +281,8 @@ def print_table(curves, floor, eval_episodes, seconds):
           f"seed, greedy return on {eval_episodes} "
           "fresh episodes: the team's (sum over agents) and [in EPyMARL's paper's units], mean +- 95% interval")
     print(f"  random   {floor[0]:8.2f}                    [{floor[1]:8.2f}]")
-    for key in dict.fromkeys((method, time_limit) for method, _, time_limit in sorted(curves)):
+    in_order = sorted(curves, key=lambda k: (list(NAMES).index(k[0]), k[2] != "terminal", k[1]))
+    for key in dict.fromkeys((method, time_limit) for method, _, time_limit in in_order):
         runs = [curve for (method, _, time_limit), curve in sorted(curves.items()) if (method, time_limit) == key]
         final, best = [c[-1] for c in runs], [max(c, key=lambda p: p[1]) for c in runs]
         timing = f"   ({np.mean(seconds[key[0]]):.0f} s per seed)" if seconds.get(key[0]) else ""
