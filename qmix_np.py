@@ -1443,31 +1443,30 @@ def check_finite_q(q):
 
 
 def warn_if_q_tot_exceeds_returns(learner, diagnostics):
-    """Warn, once, when a train step's mean Q_tot leaves what any discounted return allows:
+    """Warn, once, when a train step's mean Q_tot is above what any discounted return allows:
 
-        min(r_min, 0) / (1 - gamma) <= Q_tot <= max(r_max, 0) / (1 - gamma)
+        Q_tot <= r_max / (1 - gamma),   r_max the largest reward in the buffer as trained on
+                                        (standardised with standardise_rewards)
 
-    r_min, r_max the extreme rewards in the buffer as trained on (standardised with
-    standardise_rewards; the padding's zeros included). Past it Q_tot is not an estimate of any
-    return: the learner is diverging (docs/experiments.md, MPE with a bootstrapped time limit).
-    A side whose bound is 0 (no reward of that sign stored) is not checked: a fresh network's
-    Q_tot is small but not 0.
+    Past it Q_tot is not an estimate of any return: the learner is diverging, as a max-based
+    target drives it, upward (docs/experiments.md, MPE with a bootstrapped time limit). Checked
+    once a positive reward is stored: before, the bound is 0 and a fresh network's Q_tot, of
+    size 1, would cross it; for the same reason the lower side (step costs of -0.01 at gamma
+    0.95 bound it at -0.2) is not checked.
     """
     gamma = learner.config.gamma
     if learner.warned_q_tot or gamma == 1.0:
         return
-    stored = learner.buffer.data["reward"][:len(learner.buffer)]  # (episodes, T)
-    r_min, r_max = float(stored.min()), float(stored.max())
+    r_max = float(learner.buffer.data["reward"][:len(learner.buffer)].max())
     if learner.config.standardise_rewards:
-        r_min, r_max = learner.reward_stats.standardise(np.array([r_min, r_max]))
-    lower, upper = min(r_min, 0.0) / (1.0 - gamma), max(r_max, 0.0) / (1.0 - gamma)
-    q_tot = diagnostics["q_taken_mean"]
-    if (upper > 0 and q_tot > upper) or (lower < 0 and q_tot < lower):
+        r_max = learner.reward_stats.standardise(r_max)
+    bound, q_tot = r_max / (1.0 - gamma), diagnostics["q_taken_mean"]
+    if r_max > 0 and q_tot > bound:
         learner.warned_q_tot = True
-        warnings.warn(f"train step {learner.train_steps}: the mean Q_tot ({q_tot:.4g}) is outside what any "
-                      f"discounted return allows ([min(r_min, 0), max(r_max, 0)] / (1 - gamma) = [{lower:.4g}, "
-                      f"{upper:.4g}]): the learner is diverging. learner.history['q_taken_mean'] and "
-                      "['grad_norm'] show how; warned once", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"train step {learner.train_steps}: the mean Q_tot ({q_tot:.4g}) is above what any "
+                      f"discounted return allows (largest reward / (1 - gamma) = {bound:.4g}): the learner is "
+                      "diverging. learner.history['q_taken_mean'] and ['grad_norm'] show how; warned once",
+                      RuntimeWarning, stacklevel=3)
 
 
 def config_differences(config, other):

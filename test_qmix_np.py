@@ -1070,8 +1070,7 @@ def test_train_reports_progress_and_keeps_the_history(capsys):
 
 
 @pytest.mark.parametrize("standardise_rewards", [False, True])
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_a_q_tot_beyond_any_discounted_return_is_warned_once(standardise_rewards, sign):
+def test_a_q_tot_above_any_discounted_return_is_warned_once(standardise_rewards):
     learner = small_learner("vdn", standardise_rewards=standardise_rewards)
     episode_batch(learner)
     with warnings.catch_warnings():
@@ -1080,22 +1079,25 @@ def test_a_q_tot_beyond_any_discounted_return_is_warned_once(standardise_rewards
     stored = learner.buffer.data["reward"][:len(learner.buffer)]
     if standardise_rewards:
         stored = learner.reward_stats.standardise(stored)
-    bound = (stored.max() if sign > 0 else stored.min()) / (1 - learner.config.gamma)
+    bound = stored.max() / (1 - learner.config.gamma)
     learner.params["agent"]["fc2.bias"][:] = bound  # every agent's Q near the bound: Q_tot near n_agents x it
-    with pytest.warns(RuntimeWarning, match=r"mean Q_tot \(.*\) is outside what any discounted return allows"):
+    with pytest.warns(RuntimeWarning, match=r"mean Q_tot \(.*\) is above what any discounted return allows"):
         learner.train_step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         learner.train_step()  # once
 
 
-def test_a_small_q_tot_of_the_sign_no_reward_has_is_not_warned_of():
+@pytest.mark.parametrize("reward,bias", [(-0.01, 0.5), (-0.01, -5.0)])
+def test_no_warning_before_a_positive_reward_nor_below(reward, bias):
+    """Before a positive reward the bound is 0, which a fresh network's Q_tot crosses; the lower
+    side, made of step costs, is smaller than a fresh network's outputs: neither is checked."""
     learner = small_learner("vdn")
     rng = np.random.default_rng(3)
     for length in (3, 6, 2, 5):
         episode = random_episode(rng, learner, length, terminal=True)
-        learner.buffer.insert({**episode, "reward": np.abs(episode["reward"])})  # no negative reward
-    learner.params["agent"]["fc2.bias"][:] = -0.5  # Q_tot near -1: below the bound 0, but a network's noise
+        learner.buffer.insert({**episode, "reward": np.full(length, reward)})
+    learner.params["agent"]["fc2.bias"][:] = bias
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         learner.train_step()
