@@ -192,16 +192,21 @@ def style(method, time_limit):
     return {"color": colour, "linestyle": "-" if time_limit == "terminal" else "--", "alpha": 0.7}
 
 
+def draw_runs(ax, curves, column):
+    """Column `column` of every run's curve against env steps, one legend label per method and rule."""
+    labelled = set()
+    for (method, _, time_limit), curve in curves.items():
+        key = (method, time_limit)
+        ax.plot([p[0] / 1e6 for p in curve], [p[column] for p in curve], **style(*key),
+                label=None if key in labelled else label(*key))
+        labelled.add(key)
+
+
 def plot_returns(plt, curves, out, random_return):
     """Greedy return against env steps, one line per run, and random play's."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(random_return, color="grey", linewidth=1, label="random play")
-    labelled = set()
-    for (method, seed, time_limit), curve in curves.items():
-        key = (method, time_limit)
-        ax.plot([p[0] / 1e6 for p in curve], [p[1] for p in curve], **style(*key),
-                label=None if key in labelled else label(*key))
-        labelled.add(key)
+    draw_runs(ax, curves, 1)
     ax.set(xlabel="env steps (millions)", ylabel="greedy return (sum over agents)", title="MPE simple_spread, 3 agents")
     ax.legend(fontsize=8)
     fig.savefig(out / "mpe_spread.png", dpi=120, bbox_inches="tight")
@@ -211,13 +216,8 @@ def plot_returns(plt, curves, out, random_return):
 def plot_diagnostics(plt, curves, out):
     """The training's mean Q_tot and gradient norm (before clipping) against env steps."""
     fig, (q_ax, g_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    labelled = set()
-    for (method, seed, time_limit), curve in curves.items():
-        key = (method, time_limit)
-        steps = [p[0] / 1e6 for p in curve]
-        for ax, column in ((q_ax, 3), (g_ax, 5)):
-            ax.plot(steps, [p[column] for p in curve], **style(*key), label=None if key in labelled else label(*key))
-        labelled.add(key)
+    draw_runs(q_ax, curves, 3)
+    draw_runs(g_ax, curves, 5)
     q_ax.set(xlabel="env steps (millions)", ylabel="mean Q_tot of the actions taken (standardised rewards)", yscale="symlog")
     g_ax.set(xlabel="env steps (millions)", ylabel="gradient norm before clipping at 10", yscale="log")
     q_ax.legend(fontsize=8)
