@@ -200,9 +200,7 @@ def test_an_editable_install_exposes_qmix_np_and_qmix_np_envs_only(tmp_path):
 
 
 def test_the_gridworld_summary_words_one_seed_and_no_success():
-    spec = importlib.util.spec_from_file_location("meeting_gridworld", HERE / "examples" / "meeting_gridworld.py")
-    gridworld = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gridworld)
+    gridworld = load_example("meeting_gridworld")
     assert gridworld.mean_std([0.5]) == "0.50" and gridworld.mean_std([0.5, 1.5]) == "1.00 +- 0.50"
     assert gridworld.mean_std([float("nan")]) == "n/a" and gridworld.ratio_text(float("nan")) == "n/a"
     assert gridworld.plural(1, "seed") == "1 seed" and gridworld.plural(5, "seed") == "5 seeds"
